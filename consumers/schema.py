@@ -1,0 +1,167 @@
+"""The event contract (input) and the sample contract (joiner -> trainer).
+
+This module is the single source of truth for both shapes (../shared/DESIGN.md §3-4).
+A *sample batch* is a plain ``dict[str, numpy.ndarray]``, batch-first, one array per
+field listed in :data:`SAMPLE_FIELDS`. The trainer turns it into tensors with
+``torch.from_numpy`` (zero copy); Arrow IPC on the ``samples`` topic uses the same names.
+
+Conventions every part relies on:
+
+* Ids are int64 and **0 means "empty"** (padding, empty rank-package slot, missing
+  sparse feature). :func:`hash_id` never returns 0.
+* History is right-aligned: the most recent event sits at index ``L-1``; the
+  ``L - hist_len`` leading slots are padding (item 0, action 0, ts 0).
+  Every history event has ``ts < sample ts`` strictly (no label leakage).
+* Labels are float32 0/1. ``convert`` is 1 only if ``click`` is 1.
+  ``is_correction`` marks an ``emit_then_correct`` correction sample: the same exposure
+  re-emitted with ``convert=1`` after it was first emitted with ``convert=0``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Final, Mapping
+
+import numpy as np
+
+EVENT_TYPES: Final = ("exposure", "click", "convert")
+MAX_EVENT_ID_LEN: Final = 128
+
+
+class Action(IntEnum):
+    """Action codes used in history sequences (0 is padding)."""
+
+    PAD = 0
+    EXPOSURE = 1
+    CLICK = 2
+    CONVERT = 3
+
+
+class Slot(IntEnum):
+    """Column index of each rank-package slot in ``rank_package`` (B, 5)."""
+
+    COLD_CLICK = 0
+    HOT_CLICK = 1
+    COLD_EXPOSURE = 2
+    HOT_EXPOSURE = 3
+    RANDOM = 4
+
+
+RANK_PACKAGE_SLOTS: Final = len(Slot)
+
+_INT64_MASK: Final = (1 << 63) - 1
+
+
+def hash_id(value: str | int) -> int:
+    """Map a user/item/feature value to a stable, positive, non-zero int64.
+
+    Strings and integers hash through their decimal/text form, so ``123`` and ``"123"``
+    are the same id (producers disagree on id types; the contract allows both).
+    blake2b is stable across processes and Python versions, unlike ``hash()``.
+    """
+    digest = hashlib.blake2b(str(value).encode(), digest_size=8).digest()
+    h = int.from_bytes(digest, "little") & _INT64_MASK
+    return h or 1
+
+
+def hash_feature(name: str, value: str | int | float) -> int:
+    """Hash a sparse feature value, namespaced by feature name so values never collide
+    across features that share one embedding table."""
+    return hash_id(f"{name}={value}")
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One column of a sample batch. ``shape`` uses symbolic dims after the batch dim:
+    ``L`` history length, ``K`` extra negatives, ``S`` sparse features, ``D`` dense
+    features, ``P`` rank-package slots (5)."""
+
+    dtype: np.dtype
+    shape: tuple[str, ...]
+    doc: str
+
+
+SAMPLE_FIELDS: Final[Mapping[str, FieldSpec]] = {
+    "sample_id": FieldSpec(np.dtype(np.int64), (), "hash of the exposure's event_id"),
+    "user": FieldSpec(np.dtype(np.int64), (), "hash_id(user_id)"),
+    "item": FieldSpec(np.dtype(np.int64), (), "hash_id(item_id) of the exposed item"),
+    "ts": FieldSpec(np.dtype(np.int64), (), "exposure event time, ms since epoch"),
+    "click": FieldSpec(np.dtype(np.float32), (), "1 if clicked within click_window"),
+    "convert": FieldSpec(np.dtype(np.float32), (), "1 if converted after a click within convert_window"),
+    "is_correction": FieldSpec(np.dtype(np.bool_), (), "emit_then_correct correction sample"),
+    "hour": FieldSpec(np.dtype(np.int64), (), "0..23, UTC"),
+    "weekday": FieldSpec(np.dtype(np.int64), (), "0..6, Monday=0"),
+    "week": FieldSpec(np.dtype(np.int64), (), "ISO week of year, 1..53"),
+    "gap_bucket": FieldSpec(np.dtype(np.int64), (), "log bucket of ms since the user's previous event; 0 = no previous event"),
+    "hist_len": FieldSpec(np.dtype(np.int64), (), "number of real history events, 0..L"),
+    "hist_items": FieldSpec(np.dtype(np.int64), ("L",), "history item ids, right-aligned, 0-padded"),
+    "hist_actions": FieldSpec(np.dtype(np.int64), ("L",), "Action codes, 0-padded"),
+    "hist_ts": FieldSpec(np.dtype(np.int64), ("L",), "history event times (ms), 0-padded, all < ts"),
+    "hist_gap_buckets": FieldSpec(np.dtype(np.int64), ("L",), "log bucket of (ts - hist_ts); 0 on padding"),
+    "rank_package": FieldSpec(np.dtype(np.int64), ("P",), "Slot-ordered negatives from the history prefix; 0 = empty"),
+    "neg_items": FieldSpec(np.dtype(np.int64), ("K",), "random negatives from the item pool, never == item"),
+    "sparse": FieldSpec(np.dtype(np.int64), ("S",), "declared sparse features, hash_feature(name, value); 0 = missing"),
+    "dense": FieldSpec(np.dtype(np.float32), ("D",), "declared dense features; NaN = missing"),
+    "user_ctr_prior": FieldSpec(np.dtype(np.float32), (), "smoothed user CTR prior"),
+    "item_ctr_prior": FieldSpec(np.dtype(np.float32), (), "smoothed item CTR prior (global popularity stats)"),
+    "partition": FieldSpec(np.dtype(np.int32), (), "Kafka partition of the exposure (ledger / debugging)"),
+    "offset": FieldSpec(np.dtype(np.int64), (), "Kafka offset of the exposure (ledger / debugging)"),
+}
+
+SampleBatch = dict[str, np.ndarray]
+
+
+def validate_batch(batch: Mapping[str, np.ndarray]) -> int:
+    """Check a sample batch against :data:`SAMPLE_FIELDS`; return its size B.
+
+    Raises ``ValueError`` naming every problem (missing/extra field, dtype, rank,
+    inconsistent batch or symbolic dims).
+    """
+    problems: list[str] = []
+    missing = sorted(set(SAMPLE_FIELDS) - set(batch))
+    extra = sorted(set(batch) - set(SAMPLE_FIELDS))
+    if missing:
+        problems.append(f"missing fields: {missing}")
+    if extra:
+        problems.append(f"unknown fields: {extra}")
+    sizes: dict[str, int] = {}
+    for name, spec in SAMPLE_FIELDS.items():
+        if name not in batch:
+            continue
+        arr = batch[name]
+        if arr.dtype != spec.dtype:
+            problems.append(f"{name}: dtype {arr.dtype}, expected {spec.dtype}")
+        if arr.ndim != 1 + len(spec.shape):
+            problems.append(f"{name}: rank {arr.ndim}, expected {1 + len(spec.shape)}")
+            continue
+        for dim_name, size in zip(("B", *spec.shape), arr.shape):
+            if sizes.setdefault(dim_name, size) != size:
+                problems.append(f"{name}: dim {dim_name}={size}, other fields have {sizes[dim_name]}")
+    if sizes.get("P", RANK_PACKAGE_SLOTS) != RANK_PACKAGE_SLOTS:
+        problems.append(f"rank_package has {sizes['P']} slots, expected {RANK_PACKAGE_SLOTS}")
+    if problems:
+        raise ValueError("invalid sample batch: " + "; ".join(problems))
+    return sizes.get("B", 0)
+
+
+def empty_batch(history_len: int, negatives: int, sparse: int, dense: int) -> SampleBatch:
+    """A zero-row batch with the right shapes (useful as a concat identity)."""
+    dims = {"L": history_len, "K": negatives, "S": sparse, "D": dense, "P": RANK_PACKAGE_SLOTS}
+    return {
+        name: np.zeros((0, *(dims[d] for d in spec.shape)), dtype=spec.dtype)
+        for name, spec in SAMPLE_FIELDS.items()
+    }
+
+
+def concat_batches(batches: list[SampleBatch]) -> SampleBatch:
+    """Concatenate batches field by field (all must share L/K/S/D)."""
+    if not batches:
+        raise ValueError("concat_batches needs at least one batch")
+    return {name: np.concatenate([b[name] for b in batches]) for name in SAMPLE_FIELDS}
+
+
+def slice_batch(batch: Mapping[str, np.ndarray], start: int, stop: int) -> SampleBatch:
+    """Rows ``[start, stop)`` of every field (views, no copy)."""
+    return {name: arr[start:stop] for name, arr in batch.items()}

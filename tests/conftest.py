@@ -1,0 +1,55 @@
+"""Suite-wide fixtures: one embedded broker and one Redis server for the whole session.
+
+Tests get isolation through unique topic / group names (``unique_name``) and Redis key
+prefixes, not through separate servers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from streamtrain.services import EmbeddedBroker, EmbeddedRedis
+
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
+    with EmbeddedBroker(log_dir=tmp_path_factory.mktemp("broker-logs")) as b:
+        yield b
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(broker: EmbeddedBroker) -> str:
+    return broker.bootstrap_servers
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    with EmbeddedRedis(log_dir=tmp_path_factory.mktemp("redis-logs")) as r:
+        yield r
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: EmbeddedRedis) -> str:
+    return redis_server.url
+
+
+@pytest.fixture
+def unique_name(request: pytest.FixtureRequest) -> str:
+    """A topic/group/key-prefix name unique to this test in this session."""
+    base = request.node.name.replace("[", "-").replace("]", "").replace("/", "-")[:60]
+    return f"t{next(_counter)}-{base}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture(autouse=True)
+def _no_env_leak(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Config must not pick up a developer's STREAMTRAIN_* variables during tests."""
+    for key in list(os.environ):
+        if key.startswith("STREAMTRAIN_") and key != "STREAMTRAIN_CACHE":
+            monkeypatch.delenv(key)
