@@ -10,12 +10,12 @@ from __future__ import annotations
 import importlib.util
 import shutil
 import signal
-import time
 from pathlib import Path
 from types import TracebackType
 from typing import Iterable
 
 from streamtrain.services.paths import cache_dir
+from streamtrain.services.topics import create_topics
 from streamtrain.services.process import ManagedProcess, ServiceError, free_port, port_in_use, tcp_connectable
 
 TANSU_VERSION = "0.6.0"
@@ -104,26 +104,8 @@ class EmbeddedBroker:
         return True
 
     def create_topics(self, names: Iterable[str], partitions: int = 1, timeout_s: float = 15.0) -> None:
-        """Create topics (existing ones are left as they are) and wait until their
-        metadata shows every partition."""
-        from confluent_kafka.admin import AdminClient, NewTopic
-
-        admin = AdminClient({"bootstrap.servers": self.bootstrap_servers})
-        wanted = list(names)
-        futures = admin.create_topics([NewTopic(n, num_partitions=partitions, replication_factor=1) for n in wanted])
-        for name, fut in futures.items():
-            try:
-                fut.result(timeout_s)
-            except Exception as exc:  # noqa: BLE001
-                if "TOPIC_ALREADY_EXISTS" not in str(exc) and "already exists" not in str(exc):
-                    raise ServiceError(f"creating topic {name!r} failed: {exc}") from exc
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            meta = admin.list_topics(timeout=5)
-            if all(n in meta.topics and len(meta.topics[n].partitions) >= 1 for n in wanted):
-                return
-            time.sleep(0.1)
-        raise ServiceError(f"topics {wanted} did not appear in metadata within {timeout_s}s")
+        """Create topics (existing ones are left alone) and wait until metadata shows them."""
+        create_topics(self.bootstrap_servers, names, partitions, timeout_s=timeout_s)
 
     def pause(self) -> None:
         """SIGSTOP the broker: clients see a stalled, not a dead, broker."""

@@ -1,0 +1,5 @@
+import sys
+
+from streamtrain.cli import main
+
+sys.exit(main())
