@@ -1,0 +1,640 @@
+"""The checkpoint store: atomic save, verified load with fallback, retention, pointers.
+
+Layout (DESIGN.md §5)::
+
+    <root>/ckpt-<step:012d>/MANIFEST.json + <component>.safetensors + <component>.json
+    <root>/LATEST                  name of the newest committed checkpoint
+    <root>/daily/<YYYY-MM-DD>      the first checkpoint saved on that UTC day
+    <root>/rolled-back/<when>/...  checkpoints newer than a rollback target, moved aside
+    <root>/.lock                   held (flock) by the one writer
+
+Save sequence — a crash at any instant leaves the previous checkpoint loadable::
+
+    mkdir .tmp-ckpt-<step>-<rand>/       write + fsync every component file
+    write + fsync MANIFEST.json (last)   fsync the temp dir
+    rename to ckpt-<step:012d>           fsync root          <- new checkpoint complete
+    replace LATEST (tmp, fsync, rename, fsync root)          <- commit point
+    daily pointer, retention             (failures here are warnings, not errors)
+
+Decisions:
+
+* **Same step saved twice** (a replay after a crash re-saves a step whose directory was
+  renamed into place before ``LATEST`` moved): if the existing directory is intact and
+  holds the same thing (manifest equal but for the wall time: same files' sha256, offsets,
+  watermark, config hash, parent, extra), it is kept and only ``LATEST`` is pointed at it. Otherwise it is renamed to
+  ``.replaced-<name>-<rand>``, the new one renamed into place, and the old one deleted;
+  a writer opening the store puts a ``.replaced-`` directory back if a crash left its
+  name empty.
+* **Daily pointer** = the *first* checkpoint committed on each UTC day (by the store's
+  clock): written once, never moved, so a warm start from ``daily`` is stable all day.
+* **Rollback** points ``LATEST`` at an older intact checkpoint, removes daily pointers
+  naming newer ones, then moves every newer checkpoint to ``rolled-back/<time>-<rand>/``:
+  kept for forensics (retention never touches them; delete by hand), and out of the way
+  because training resumes from the target and re-uses their step numbers.
+* **Retention** keeps the newest ``keep_last``, ``LATEST``, and the targets of daily
+  pointers dated within ``keep_daily`` days; victims are renamed to ``.trash-*`` before
+  deletion so a half-deleted directory never looks like a checkpoint.
+* **Fallback**: ``load()`` tries ``LATEST``'s target, then every other checkpoint
+  newest first, and reports what it skipped and why.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Collection, Iterator, Mapping
+from dataclasses import dataclass, replace
+from datetime import date, datetime, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+
+from .codec import EncodedState, encode_state
+from .config import CheckpointConfig
+from .errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointLockedError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    NoIntactCheckpointError,
+    Skipped,
+)
+from .fsio import FileSystem
+from .manifest import (
+    DAILY_DIR,
+    LATEST_FILE,
+    MANIFEST_FILE,
+    REPLACED_PREFIX,
+    ROLLED_BACK_DIR,
+    TMP_PREFIX,
+    TRASH_PREFIX,
+    ComponentEntry,
+    FileEntry,
+    Manifest,
+    check_component_name,
+    checkpoint_name,
+    component_files,
+    parse_step,
+)
+from .reader import Checkpoint, CheckpointStatus, check_dir, load_dir, read_manifest
+from .retention import plan_retention
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Clock = Callable[[], float]  # unix seconds, UTC (time.time)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What :meth:`CheckpointStore.save` did."""
+
+    name: str
+    path: Path
+    manifest: Manifest
+    reused: bool  # an identical checkpoint of this step already existed and was kept
+    deleted: tuple[str, ...]  # removed by retention after this save
+    # Problems after the commit point (daily pointer, retention): the checkpoint is
+    # saved and LATEST, but an operator may want to know.
+    warnings: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """The newest intact checkpoint and what was passed over to find it."""
+
+    name: str
+    skipped: tuple[Skipped, ...]
+
+
+@dataclass(frozen=True)
+class RollbackResult:
+    latest: str  # what LATEST names now
+    previous: str | None  # what it named before
+    moved: tuple[str, ...]  # newer checkpoints moved aside
+    moved_to: Path | None  # where they went (None if there were none)
+
+
+class CheckpointStore:
+    """Checkpoints under one root directory.
+
+    A writable store (the default) holds an exclusive ``flock`` on ``<root>/.lock`` until
+    :meth:`close`, and on opening removes leftovers of crashed saves. Open with
+    ``readonly=True`` to inspect a root that a running daemon is writing (CLI list, verify,
+    inspect, warm start from another run): nothing is locked, cleaned or written.
+
+    ``clock`` (unix seconds) stamps manifests and decides daily pointers and retention
+    windows; ``fs`` is the filesystem seam tests use to inject failures.
+    """
+
+    def __init__(
+        self,
+        root: Path | str,
+        config: CheckpointConfig | None = None,
+        *,
+        clock: Clock = time.time,
+        fs: FileSystem | None = None,
+        readonly: bool = False,
+    ) -> None:
+        self.root = Path(root)
+        self.config = config if config is not None else CheckpointConfig()
+        self.readonly = readonly
+        self._clock = clock
+        self._fs = fs if fs is not None else FileSystem(fsync=self.config.fsync)
+        self._lock_fd: int | None = None
+        if not readonly:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = _acquire_lock(self.root / ".lock")
+            self._recover()
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def close(self) -> None:
+        """Release the writer lock (idempotent)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> CheckpointStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------------- save
+
+    def save(
+        self,
+        step: int,
+        components: Mapping[str, Mapping[str, Any]],
+        *,
+        offsets: Mapping[str, Mapping[int, int]],
+        watermark: int | None,
+        config_hash: str,
+        extra_meta: Mapping[str, Any] | None = None,
+    ) -> CheckpointInfo:
+        """Write one checkpoint atomically and make it ``LATEST``.
+
+        ``components`` maps a component name (``[a-z][a-z0-9_-]*``) to its state dict,
+        which must carry an int ``format_version``. ``offsets`` are the next offsets to
+        read per topic and partition, consistent with the states (the daemon only saves
+        at batch boundaries).
+
+        Raises ``TypeError``/``ValueError`` before touching the disk if a state cannot be
+        stored; :class:`CheckpointWriteError` if the disk fails (the previous checkpoint
+        stays intact and loadable, the temporary directory is removed).
+        """
+        self._require_writable()
+        name = checkpoint_name(step)
+        encoded = _encode_components(components)
+        template = Manifest(
+            step=step,
+            wall_time=self._clock(),
+            watermark=watermark,
+            offsets={topic: dict(parts) for topic, parts in offsets.items()},
+            config_hash=config_hash,
+            parent=None,
+            components={},
+            files=[],
+            extra=_json_checked(dict(extra_meta or {})),
+        )
+        tmp = self.root / f"{TMP_PREFIX}{step}-{uuid.uuid4().hex[:8]}"
+        aside = None
+        try:
+            manifest = self._write_tmp(tmp, encoded, template.model_copy(update={"parent": self._parent_for(name)}))
+            existing = self._identical_existing(name, manifest)
+            if existing is None:
+                aside = self._move_into_place(tmp, name)
+            else:
+                self._fs.remove_tree(tmp)
+                manifest = existing
+            self._fs.fsync_dir(self.root)
+            self._fs.write_pointer(self.root / LATEST_FILE, name)  # the commit point
+        except Exception as exc:
+            # Whatever failed, the temp dir is garbage, and so is a replaced checkpoint
+            # once the new one took its name (aside is only set after that rename).
+            for garbage in (tmp, aside):
+                self._discard(garbage)
+            if isinstance(exc, OSError):
+                raise CheckpointWriteError(f"saving {name} failed: {exc}", errno=exc.errno or None) from exc
+            raise
+        warnings: list[str] = []
+        if aside is not None:
+            self._best_effort(warnings, f"remove replaced {aside.name}", self._fs.remove_tree, aside)
+        self._best_effort(warnings, "daily pointer", self._update_daily, name, manifest.wall_time)
+        deleted = self._best_effort(warnings, "retention", self.apply_retention) or ()
+        reused = existing is not None
+        return CheckpointInfo(name, self.root / name, manifest, reused, tuple(deleted), tuple(warnings))
+
+    def _write_tmp(self, tmp: Path, encoded: Mapping[str, tuple[int, EncodedState]], template: Manifest) -> Manifest:
+        """Write every component file, then the manifest, into ``tmp``; fsync all of it."""
+        self._fs.mkdir(tmp)
+        files: list[FileEntry] = []
+        entries: dict[str, ComponentEntry] = {}
+        for component, (format_version, state) in encoded.items():
+            tensor_file, doc_file = component_files(component)
+            written = []
+            if state.tensors:
+                w = self._fs.write_safetensors(tmp / tensor_file, state.tensors)
+                files.append(FileEntry(path=tensor_file, bytes=w.bytes, sha256=w.sha256))
+                written.append(tensor_file)
+            w = self._fs.write_bytes(tmp / doc_file, state.document)
+            files.append(FileEntry(path=doc_file, bytes=w.bytes, sha256=w.sha256))
+            written.append(doc_file)
+            entries[component] = ComponentEntry(format_version=format_version, files=written)
+        manifest = template.model_copy(update={"components": entries, "files": files})
+        self._fs.write_bytes(tmp / MANIFEST_FILE, manifest.model_dump_json(indent=2).encode())
+        self._fs.fsync_dir(tmp)
+        return manifest
+
+    def _identical_existing(self, name: str, manifest: Manifest) -> Manifest | None:
+        """The manifest of an intact checkpoint ``name`` holding exactly this content, if any
+        (a replay after a crash re-saving a step whose directory was already renamed in)."""
+        final = self.root / name
+        if not final.exists():
+            return None
+        existing = check_dir(final, full=True)
+        if existing.manifest is not None and existing.intact and _same_content(existing.manifest, manifest):
+            return existing.manifest
+        return None
+
+    def _move_into_place(self, tmp: Path, name: str) -> Path | None:
+        """Rename ``tmp`` to ``name``. A different checkpoint already there is first renamed
+        aside; that directory is returned, to delete once the new one is committed."""
+        final = self.root / name
+        if not final.exists():
+            self._fs.rename(tmp, final)
+            return None
+        aside = self.root / f"{REPLACED_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+        self._fs.rename(final, aside)
+        try:
+            self._fs.rename(tmp, final)
+        except OSError:
+            _restore(aside, final)
+            raise
+        return aside
+
+    def _parent_for(self, name: str) -> str | None:
+        """LATEST's name, or - when re-saving LATEST's own step - LATEST's parent."""
+        parent = self._latest_pointer()
+        if parent is None or parse_step(parent) is None:
+            return None
+        if parent == name:
+            try:
+                return read_manifest(self.root / name).parent
+            except CheckpointCorruptError:
+                return None
+        return parent
+
+    def _update_daily(self, name: str, wall_time: float) -> None:
+        if self.config.keep_daily == 0:
+            return  # no daily window: pointers would be deleted right away
+        day = _utc_date(wall_time)
+        daily = self.root / DAILY_DIR
+        pointer = daily / day.isoformat()
+        if pointer.exists():
+            return  # first checkpoint of the day wins
+        if not daily.exists():
+            self._fs.mkdir(daily)
+            self._fs.fsync_dir(self.root)
+        self._fs.write_pointer(pointer, name)
+
+    # ----------------------------------------------------------------- retention
+
+    def apply_retention(self) -> tuple[str, ...]:
+        """Delete what the retention policy does not keep; returns the deleted names."""
+        self._require_writable()
+        plan = plan_retention(
+            self._names(),
+            latest=self._latest_pointer(),
+            daily=self.daily_pointers(),
+            today=_utc_date(self._clock()),
+            keep_last=self.config.keep_last,
+            keep_daily=self.config.keep_daily,
+        )
+        for day in plan.expired_days:
+            self._fs.remove_file(self.root / DAILY_DIR / day.isoformat())
+        if plan.expired_days:
+            self._fs.fsync_dir(self.root / DAILY_DIR)
+        doomed = []
+        for name in plan.delete:
+            trash = self.root / f"{TRASH_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+            self._fs.rename(self.root / name, trash)
+            doomed.append(trash)
+        if doomed:
+            self._fs.fsync_dir(self.root)
+        for trash in doomed:
+            self._fs.remove_tree(trash)
+        if plan.delete:
+            logger.info("retention deleted %s", ", ".join(plan.delete))
+        return plan.delete
+
+    # ---------------------------------------------------------------------- load
+
+    def load(self, name: str | None = None, *, components: Collection[str] | None = None) -> Checkpoint:
+        """Verify (sha256 of every file loaded) and load a checkpoint.
+
+        ``name=None``: LATEST's target, or if it is damaged the newest intact checkpoint;
+        ``Checkpoint.skipped`` says what was passed over and why. A given ``name`` has no
+        fallback. ``components`` loads (and verifies) only those components.
+
+        Raises :class:`CheckpointNotFoundError` when there is no checkpoint at all and
+        :class:`NoIntactCheckpointError` when none is intact.
+        """
+        if name is not None:
+            return load_dir(self._existing(name), components)
+        ckpt, skipped = self._first_intact(lambda path: load_dir(path, components))
+        return replace(ckpt, skipped=skipped)
+
+    def latest_intact(self) -> Resolution:
+        """Like ``load()`` but only verifies: the name ``load()`` would return."""
+
+        def verified(path: Path) -> str:
+            status = check_dir(path, full=True)
+            if not status.intact:
+                raise CheckpointCorruptError(path.name, status.problems)
+            return path.name
+
+        name, skipped = self._first_intact(verified)
+        return Resolution(name, skipped)
+
+    def _first_intact(self, attempt: Callable[[Path], T]) -> tuple[T, tuple[Skipped, ...]]:
+        latest = self._latest_pointer()
+        names = self._names()
+        skipped: list[Skipped] = []
+        if latest is None:
+            if names:
+                skipped.append(Skipped(LATEST_FILE, "missing"))
+        elif latest not in names:
+            skipped.append(Skipped(LATEST_FILE, f"names {latest!r}, which is not a checkpoint here"))
+        candidates = sorted(names, reverse=True)
+        if latest in names:
+            candidates.remove(latest)
+            candidates.insert(0, latest)
+        for candidate in candidates:
+            try:
+                result = attempt(self.root / candidate)
+            except CheckpointCorruptError as exc:
+                skipped.append(Skipped(candidate, "; ".join(exc.problems)))
+                continue
+            for s in skipped:
+                logger.warning("skipped %s: %s", s.name, s.reason)
+            return result, tuple(skipped)
+        if not names:
+            raise CheckpointNotFoundError(f"no checkpoint under {self.root}")
+        raise NoIntactCheckpointError(skipped)
+
+    def resolve_warm_start(self, spec: str) -> Checkpoint:
+        """Load the checkpoint a new run should warm-start from.
+
+        ``spec`` is ``"daily"`` (newest daily pointer whose target is intact),
+        ``"daily:YYYY-MM-DD"``, a checkpoint name in this store, or a path: a checkpoint
+        directory, or another store's root (its newest intact checkpoint, read-only).
+        """
+        if spec == "daily" or spec.startswith("daily:"):
+            return self._warm_start_daily(spec.partition(":")[2] or None)
+        if parse_step(spec) is not None and (self.root / spec).is_dir():
+            return self.load(spec)
+        path = Path(spec)
+        if (path / MANIFEST_FILE).is_file():
+            return load_dir(path)
+        if (path / LATEST_FILE).is_file() or any(parse_step(p.name) is not None for p in _subdirs(path)):
+            return CheckpointStore(path, readonly=True).load()
+        raise CheckpointNotFoundError(f"warm start {spec!r}: not 'daily', a checkpoint name here, or a path to one")
+
+    def _warm_start_daily(self, day: str | None) -> Checkpoint:
+        pointers = self.daily_pointers()
+        if day is not None:
+            wanted = date.fromisoformat(day)
+            if wanted not in pointers:
+                raise CheckpointNotFoundError(f"no daily pointer for {day}")
+            return self.load(pointers[wanted])
+        skipped = []
+        for pointed_day in sorted(pointers, reverse=True):
+            name = pointers[pointed_day]
+            try:
+                ckpt = self.load(name)
+            except (CheckpointCorruptError, CheckpointNotFoundError) as exc:
+                skipped.append(Skipped(f"daily/{pointed_day}", f"{name}: {exc}"))
+                continue
+            return replace(ckpt, skipped=tuple(skipped))
+        if not skipped:
+            raise CheckpointNotFoundError(f"no daily pointer under {self.root / DAILY_DIR}")
+        raise NoIntactCheckpointError(skipped)
+
+    # ------------------------------------------------------- listing, inspection
+
+    def list_checkpoints(self, *, full: bool = False) -> list[CheckpointStatus]:
+        """Every checkpoint directory, oldest first; ``full`` recomputes every sha256."""
+        return [check_dir(self.root / name, full=full) for name in self._names()]
+
+    def check(self, name: str, *, full: bool) -> CheckpointStatus:
+        """Check one checkpoint: sizes only, or with ``full`` every sha256."""
+        return check_dir(self._existing(name), full=full)
+
+    def verify(self, name: str) -> CheckpointStatus:
+        """Full check (sha256 of every file) of one checkpoint."""
+        return self.check(name, full=True)
+
+    def latest_pointer(self) -> str | None:
+        """What ``LATEST`` says (None if missing); not checked against the disk."""
+        return self._latest_pointer()
+
+    def daily_pointers(self) -> dict[date, str]:
+        """{day: checkpoint name} from ``daily/`` (unparseable entries ignored)."""
+        out = {}
+        for path in _files(self.root / DAILY_DIR):
+            try:
+                day = date.fromisoformat(path.name)
+            except ValueError:
+                continue
+            target = _read_pointer(path)
+            if target is not None:
+                out[day] = target
+        return out
+
+    # ------------------------------------------------------------------ rollback
+
+    def rollback(self, name: str) -> RollbackResult:
+        """Make the older, intact checkpoint ``name`` LATEST; move newer ones aside.
+
+        Order: replace LATEST, drop daily pointers naming newer checkpoints, move the newer
+        checkpoints to ``rolled-back/<time>-<rand>/``. A crash part-way leaves LATEST right
+        and some newer directories unmoved; running the rollback again finishes it.
+        Raises :class:`CheckpointWriteError` if the disk fails.
+        """
+        self._require_writable()
+        status = self.verify(name)
+        if not status.intact:
+            raise CheckpointCorruptError(name, status.problems)
+        previous = self._latest_pointer()
+        newer = [n for n in self._names() if n > name]  # fixed-width names sort by step
+        try:
+            self._fs.write_pointer(self.root / LATEST_FILE, name)
+            self._drop_daily_pointers_to(set(newer))
+            moved_to = self._move_aside(newer) if newer else None
+        except OSError as exc:
+            raise CheckpointWriteError(f"rollback to {name} failed: {exc}", errno=exc.errno or None) from exc
+        logger.warning("rolled back LATEST %s -> %s; moved %s to %s", previous, name, newer, moved_to)
+        return RollbackResult(latest=name, previous=previous, moved=tuple(newer), moved_to=moved_to)
+
+    def _drop_daily_pointers_to(self, names: set[str]) -> None:
+        stale = [day for day, target in self.daily_pointers().items() if target in names]
+        for day in stale:
+            self._fs.remove_file(self.root / DAILY_DIR / day.isoformat())
+        if stale:
+            self._fs.fsync_dir(self.root / DAILY_DIR)
+
+    def _move_aside(self, names: list[str]) -> Path:
+        stamp = datetime.fromtimestamp(self._clock(), tz=timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        parent = self.root / ROLLED_BACK_DIR
+        if not parent.exists():
+            self._fs.mkdir(parent)
+        dest = parent / f"{stamp}-{uuid.uuid4().hex[:6]}"
+        self._fs.mkdir(dest)
+        for name in names:
+            self._fs.rename(self.root / name, dest / name)
+        for directory in (dest, parent, self.root):
+            self._fs.fsync_dir(directory)
+        return dest
+
+    # ------------------------------------------------------------------ internals
+
+    def _names(self) -> list[str]:
+        """Checkpoint directory names under the root, oldest first."""
+        return sorted(p.name for p in _subdirs(self.root) if parse_step(p.name) is not None)
+
+    def _existing(self, name: str) -> Path:
+        if parse_step(name) is None:
+            raise CheckpointNotFoundError(f"{name!r} is not a checkpoint name (ckpt-<12 digits>)")
+        path = self.root / name
+        if not path.is_dir():
+            raise CheckpointNotFoundError(f"no checkpoint {name} under {self.root}")
+        return path
+
+    def _latest_pointer(self) -> str | None:
+        return _read_pointer(self.root / LATEST_FILE)
+
+    def _require_writable(self) -> None:
+        if self._lock_fd is None:
+            raise CheckpointError(f"store {self.root} is read-only or closed")
+
+    def _recover(self) -> None:
+        """Remove what crashed saves, deletions and pointer writes left behind."""
+        for path in [*_subdirs(self.root), *_files(self.root), *_files(self.root / DAILY_DIR)]:
+            name = path.name
+            try:
+                if name.startswith((TMP_PREFIX, TRASH_PREFIX)):
+                    self._fs.remove_tree(path)
+                elif name.startswith(REPLACED_PREFIX):
+                    original = self.root / name[len(REPLACED_PREFIX) :].rsplit("-", 1)[0]
+                    if original.exists():
+                        self._fs.remove_tree(path)
+                    else:
+                        self._fs.rename(path, original)
+                elif name.startswith(".") and ".tmp-" in name and path.is_file():
+                    self._fs.remove_file(path)  # a pointer write that never got renamed
+                else:
+                    continue
+            except OSError as exc:
+                logger.warning("could not clean up %s: %s", path, exc)
+                continue
+            logger.info("cleaned up %s left by an interrupted operation", path)
+
+    def _discard(self, path: Path | None) -> None:
+        if path is not None and path.exists():
+            try:
+                self._fs.remove_tree(path)
+            except OSError as exc:  # cleaned when a writer next opens the store
+                logger.warning("could not remove %s: %s", path, exc)
+
+    @staticmethod
+    def _best_effort(warnings: list[str], what: str, fn: Callable[..., T], *args: Any) -> T | None:
+        try:
+            return fn(*args)
+        except OSError as exc:
+            warnings.append(f"{what}: {exc}")
+            logger.warning("after commit, %s failed: %s", what, exc)
+            return None
+
+
+def _encode_components(components: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple[int, EncodedState]]:
+    """Validate names and format versions and encode every state, before any disk write."""
+    if not components:
+        raise ValueError("a checkpoint needs at least one component")
+    out = {}
+    for name, state in components.items():
+        check_component_name(name)
+        version = state.get("format_version") if isinstance(state, Mapping) else None
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise ValueError(f"component {name!r}: state must carry an int 'format_version'")
+        out[name] = (version, encode_state(state))
+    return out
+
+
+def _json_checked(meta: dict[str, Any]) -> dict[str, Any]:
+    try:
+        orjson.dumps(meta)
+    except orjson.JSONEncodeError as exc:
+        raise TypeError(f"extra_meta is not JSON-serialisable: {exc}") from exc
+    return meta
+
+
+def _same_content(a: Manifest, b: Manifest) -> bool:
+    """Same checkpoint in all but the wall time of the save."""
+
+    def key(m: Manifest) -> tuple[Any, ...]:
+        files = sorted((f.path, f.bytes, f.sha256) for f in m.files)
+        return (m.format_version, m.step, m.watermark, m.offsets, m.config_hash, m.parent, m.extra, m.components, files)
+
+    return key(a) == key(b)
+
+
+def _restore(aside: Path, final: Path) -> None:
+    try:
+        os.replace(aside, final)
+    except OSError as exc:  # the next writer to open the store restores it
+        logger.warning("could not restore %s: %s", final, exc)
+
+
+def _acquire_lock(path: Path) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise CheckpointLockedError(f"{path.parent} is locked by another writer") from None
+    return fd
+
+
+def _read_pointer(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        logger.warning("unreadable pointer %s: %s", path, exc)
+        return None
+
+
+def _subdirs(path: Path) -> Iterator[Path]:
+    try:
+        yield from (p for p in path.iterdir() if p.is_dir())
+    except FileNotFoundError:
+        return
+
+
+def _files(path: Path) -> Iterator[Path]:
+    try:
+        yield from (p for p in path.iterdir() if p.is_file())
+    except FileNotFoundError:
+        return
+
+
+def _utc_date(ts: float) -> date:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).date()

@@ -1,0 +1,240 @@
+"""Alert sinks: webhook delivery against a real local HTTP server, Alertmanager payloads,
+metrics hook, log records, and fault isolation."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import prometheus_client
+import pytest
+from prometheus_client import CollectorRegistry
+
+from monitors import AlertConfig, GateState, LogSink, MetricsSink, SinkGroup, Transition, Verdict, WebhookSink
+from monitors.alerts import ALERT_NAME, build_sinks
+
+
+class _Server(ThreadingHTTPServer):
+    """Records JSON bodies; answers with queued status codes, then ``default_code``."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Hook)
+        self.bodies: list[Any] = []
+        self.codes: list[int] = []
+        self.default_code = 200
+        self.delay = 0.0  # seconds each response takes
+        self.url = f"http://127.0.0.1:{self.server_address[1]}/alerts"
+
+
+class _Hook(BaseHTTPRequestHandler):
+    server: _Server
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server API)
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.server.bodies.append(json.loads(body))
+        time.sleep(self.server.delay)
+        code = self.server.codes.pop(0) if self.server.codes else self.server.default_code
+        self.send_response(code)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def hook() -> Iterator[_Server]:
+    server = _Server()
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def transition(to: GateState, monitors: tuple[str, ...] = ("auc",), seq: int = 1, manual: bool = False) -> Transition:
+    frm = GateState.OPEN if to is GateState.FROZEN else GateState.FROZEN
+    return Transition(seq, frm, to, "auc: ctr AUC 0.50 < floor 0.55", 40_000, monitors, manual, "hold", 1_700_000_000.0)
+
+
+def webhook(url: str, **overrides: Any) -> WebhookSink:
+    fast = {"backoff_initial_s": 0.01, "backoff_max_s": 0.02, "timeout_s": 2.0}
+    return WebhookSink(AlertConfig(webhook_urls=(url,), **{**fast, **overrides}))
+
+
+def wait_for(predicate: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_webhook_posts_the_transition_as_json(hook: _Server) -> None:
+    sink = webhook(hook.url)
+    t = transition(GateState.FROZEN)
+    sink.on_transition(t)
+    assert sink.close(5.0)
+    assert hook.bodies == [{"instance": "streamtrain", "transition": t.to_dict()}]
+    assert (sink.delivered, sink.failed, sink.dropped) == (1, 0, 0)
+
+
+def test_webhook_retries_after_server_errors(hook: _Server) -> None:
+    hook.codes = [500, 503]
+    sink = webhook(hook.url, max_retries=3)
+    sink.on_transition(transition(GateState.FROZEN))
+    assert sink.close(5.0)
+    assert len(hook.bodies) == 3 and hook.bodies[0] == hook.bodies[2]
+    assert (sink.delivered, sink.failed) == (1, 0)
+
+
+def test_webhook_gives_up_after_max_retries_without_blocking_the_caller(hook: _Server) -> None:
+    hook.default_code, hook.delay = 500, 0.1
+    sink = webhook(hook.url, max_retries=2)
+    started = time.perf_counter()
+    sink.on_transition(transition(GateState.FROZEN))
+    assert time.perf_counter() - started < 0.05  # the training thread only enqueues
+    assert sink.close(10.0)
+    assert len(hook.bodies) == 3 and (sink.delivered, sink.failed) == (0, 1)
+
+
+def test_webhook_does_not_retry_a_rejected_request(hook: _Server) -> None:
+    hook.codes = [400]
+    sink = webhook(hook.url, max_retries=3)
+    sink.on_transition(transition(GateState.FROZEN))
+    assert sink.close(5.0)
+    assert len(hook.bodies) == 1 and sink.failed == 1
+
+
+def test_webhook_survives_an_unreachable_endpoint() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again before use: connection refused
+    sink = webhook(f"http://127.0.0.1:{port}/", max_retries=2)
+    sink.on_transition(transition(GateState.FROZEN))
+    assert sink.close(5.0)
+    assert (sink.delivered, sink.failed) == (0, 1)
+
+
+def test_full_queue_drops_instead_of_waiting_and_close_is_bounded(hook: _Server) -> None:
+    hook.default_code, hook.delay = 500, 0.3
+    sink = webhook(hook.url, queue_size=1, max_retries=5)
+    for seq in range(4):  # the worker holds at most one, the queue one more
+        sink.on_transition(transition(GateState.FROZEN, seq=seq))
+    assert sink.dropped >= 2
+    started = time.perf_counter()
+    assert sink.close(0.2) is False  # gave up on the backlog instead of hanging shutdown
+    assert time.perf_counter() - started < 1.0
+
+
+def test_alertmanager_payload_fires_one_alert_per_monitor_and_resolves_them(hook: _Server) -> None:
+    sink = webhook(hook.url, alertmanager=True, instance="trainer-a", severity="page")
+    sink.on_transition(transition(GateState.FROZEN, monitors=("auc", "label_ratio")))
+    sink.on_transition(transition(GateState.OPEN, monitors=("auc", "label_ratio"), seq=2))
+    assert sink.close(5.0)
+    firing, resolved = hook.bodies
+    assert isinstance(firing, list) and [a["labels"]["monitor"] for a in firing] == ["auc", "label_ratio"]
+    for alert in firing:
+        assert set(alert) == {"labels", "annotations", "startsAt"}
+        assert alert["labels"] == {
+            "alertname": ALERT_NAME, "severity": "page", "instance": "trainer-a", "monitor": alert["labels"]["monitor"],
+        }
+        assert set(alert["annotations"]) == {"summary", "description"}
+        assert "AUC 0.50" in alert["annotations"]["description"]
+        assert alert["startsAt"] == "2023-11-14T22:13:20.000Z"
+        datetime.fromisoformat(alert["startsAt"].replace("Z", "+00:00"))
+    assert [a["labels"] for a in resolved] == [a["labels"] for a in firing]
+    assert all(a["endsAt"] == "2023-11-14T22:13:20.000Z" and a["startsAt"] for a in resolved)
+
+
+def test_alertmanager_manual_freeze_and_firing_alerts_are_resent(hook: _Server) -> None:
+    sink = webhook(hook.url, alertmanager=True, repeat_interval_s=0.05)
+    sink.on_transition(transition(GateState.FROZEN, monitors=(), manual=True))
+    wait_for(lambda: len(hook.bodies) >= 3)
+    assert all(body == hook.bodies[0] for body in hook.bodies)
+    assert hook.bodies[0][0]["labels"]["monitor"] == "manual"
+    sink.on_transition(transition(GateState.OPEN, monitors=(), seq=2))
+    wait_for(lambda: "endsAt" in hook.bodies[-1][0])
+    sent = len(hook.bodies)
+    time.sleep(0.2)
+    assert len(hook.bodies) == sent  # nothing firing: nothing re-sent
+    assert sink.close(5.0)
+
+
+def a_verdict(ok: bool = True, alarm: bool = False) -> Verdict:
+    return Verdict("auc", 3, 20_000, True, ok, alarm, False, {"auc/ctr": 0.74, "logloss/ctr": 0.3}, "" if ok else "bad")
+
+
+def test_metrics_sink_sets_gauges_in_the_given_registry_only() -> None:
+    registry = CollectorRegistry()
+    sink = MetricsSink(registry)
+    sink.on_verdict(a_verdict(ok=False, alarm=True))
+    sink.on_transition(transition(GateState.FROZEN))
+    value = registry.get_sample_value
+    assert value("streamtrain_monitor_value", {"monitor": "auc", "metric": "auc", "subject": "ctr"}) == 0.74
+    assert value("streamtrain_monitor_alarm", {"monitor": "auc"}) == 1.0
+    assert value("streamtrain_monitor_window_ok", {"monitor": "auc"}) == 0.0
+    assert value("streamtrain_gate_frozen") == 1.0 and value("streamtrain_gate_transition_samples") == 40_000
+    assert prometheus_client.REGISTRY.get_sample_value("streamtrain_gate_frozen") is None
+    MetricsSink(CollectorRegistry())  # a second daemon/test gets its own series, no duplicate error
+
+
+def test_metrics_sink_callback_and_constructor_contract() -> None:
+    calls: list[tuple[str, dict[str, str], float]] = []
+    sink = MetricsSink(callback=lambda name, labels, value: calls.append((name, dict(labels), value)))
+    sink.on_transition(transition(GateState.OPEN))
+    assert ("streamtrain_gate_frozen", {}, 0.0) in calls
+    with pytest.raises(ValueError):
+        MetricsSink()
+    with pytest.raises(ValueError):
+        MetricsSink(CollectorRegistry(), callback=lambda *a: None)
+
+
+def test_log_sink_logs_transitions_and_bad_windows_with_structured_extra(caplog: pytest.LogCaptureFixture) -> None:
+    sink = LogSink()
+    with caplog.at_level(logging.DEBUG, logger="monitors.gate"):
+        sink.on_transition(transition(GateState.FROZEN))
+        sink.on_verdict(a_verdict(ok=False))
+        sink.on_verdict(a_verdict())
+    freeze, bad, ok = caplog.records
+    assert freeze.levelno == logging.WARNING and "OPEN -> FROZEN" in freeze.getMessage()
+    assert freeze.transition["reason"] == "auc: ctr AUC 0.50 < floor 0.55"  # type: ignore[attr-defined]
+    assert bad.levelno == logging.WARNING and bad.verdict["ok"] is False  # type: ignore[attr-defined]
+    assert ok.levelno == logging.DEBUG
+
+
+class _Broken:
+    def on_verdict(self, verdict: Verdict) -> None:
+        raise RuntimeError("boom")
+
+    def on_transition(self, transition: Transition) -> None:
+        raise RuntimeError("boom")
+
+    def close(self, timeout: float) -> bool:
+        raise RuntimeError("boom")
+
+
+def test_sink_group_isolates_a_failing_sink(caplog: pytest.LogCaptureFixture) -> None:
+    calls: list[str] = []
+    metrics = MetricsSink(callback=lambda name, labels, value: calls.append(name))
+    group = SinkGroup([_Broken(), metrics])
+    group.on_transition(transition(GateState.FROZEN))
+    group.on_verdict(a_verdict())
+    assert "streamtrain_gate_frozen" in calls and "streamtrain_monitor_alarm" in calls
+    assert group.close(1.0) is False
+    assert caplog.text.count("alert sink _Broken failed") == 3
+
+
+def test_build_sinks_follows_the_config(hook: _Server) -> None:
+    assert build_sinks(AlertConfig()) == []
+    sinks = build_sinks(AlertConfig(webhook_urls=(hook.url,)), registry=CollectorRegistry())
+    assert [type(s) for s in sinks] == [WebhookSink, MetricsSink]
+    assert SinkGroup(sinks).close(5.0)
