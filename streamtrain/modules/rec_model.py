@@ -1,0 +1,169 @@
+"""The composed recommender: injected id embeddings → HSTU → ESMM heads + retrieval head.
+
+One sequence per sample: the (truncated) history followed by the target item, so
+position ``N-1`` is the exposure being scored. Causal attention lets the target read
+the whole history while no history position reads the target. Hence one pass gives
+
+* the **ranking** representation: HSTU output at the target (target-aware), feeding ESMM;
+* the **retrieval** user vector: HSTU output at the last history event (it has not seen
+  the target, so retrieval cannot cheat), with the user embedding.
+
+Embedding tables are injected (``item``, ``user``, ``sparse``): any ``nn.Module`` mapping
+int64 ids ``(...)`` to ``(..., embedding_dim)`` with zeros for id 0. Everything else
+(action, time, position and rab parameters, towers) is a dense parameter of this module;
+:meth:`RecModel.dense_parameters` lists exactly those.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import nn
+
+from consumers.schema import RANK_PACKAGE_SLOTS, Action
+from streamtrain.modules.config import ModelConfig
+from streamtrain.modules.esmm import ContextFeatures, ESMMHeads, ctcvr_log_probs, dot_interactions, esmm_loss
+from streamtrain.modules.hstu import HSTUEncoder
+from streamtrain.modules.retrieval import RetrievalHead, info_nce_loss, rank_package_loss
+
+EMBEDDING_KEYS = ("item", "user", "sparse")
+TARGET_ACTION = len(Action)  # the target's action is what we predict: it gets its own code
+_NOW_GAP_BUCKET = 0  # the target is 0 ms old; row 0 is shared with padding, which is masked
+
+
+class RecModel(nn.Module):
+    def __init__(self, config: ModelConfig, embeddings: Mapping[str, nn.Module]) -> None:
+        super().__init__()
+        if sorted(embeddings) != sorted(EMBEDDING_KEYS):
+            raise ValueError(f"embeddings must have exactly the keys {EMBEDDING_KEYS}, got {sorted(embeddings)}")
+        self.config = config
+        d = config.embedding_dim
+        self.embeddings = nn.ModuleDict(dict(embeddings))
+        self.action = nn.Embedding(TARGET_ACTION + 1, d)
+        self.age = nn.Embedding(config.num_gap_buckets, d)  # how long before the exposure each event was
+        self.hstu = HSTUEncoder(config.hstu, d, max_len=config.max_history_len + 1)
+        self.context = ContextFeatures(
+            config.num_dense_features, config.num_gap_buckets, config.esmm.time_dim, config.prior_eps
+        )
+        n_fields = 3 + config.num_sparse_features  # target-aware state, item, user, sparse features
+        shared_dim = n_fields * d + n_fields * (n_fields - 1) // 2 + self.context.out_dim
+        self.esmm = ESMMHeads(config.esmm, shared_dim)
+        self.retrieval = RetrievalHead(config.retrieval, user_in=2 * d, item_in=d)
+        grades = config.retrieval.rank_grades
+        self.register_buffer(  # positive first, graded above every rank-package slot
+            "rank_grades", torch.tensor([max(grades) + 1, *grades]), persistent=False
+        )
+
+    def dense_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the model itself, without the injected embedding tables."""
+        return (p for name, p in self.named_parameters() if not name.startswith("embeddings."))
+
+    def item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        """Retrieval vectors for item ids: (N,) → (N, retrieval.dim), unit norm (for export)."""
+        return self.retrieval.item_vectors(self.embeddings["item"](ids))
+
+    def _sequence(
+        self, batch: Mapping[str, torch.Tensor], history_emb: torch.Tensor, target_emb: torch.Tensor
+    ) -> torch.Tensor:
+        """Encode the kept history (B, L', D) followed by the target (B, D): returns the HSTU
+        outputs (B, L' + 1, D). ``L'`` columns are the most recent ones of each history field."""
+        hist_len = batch["hist_len"]
+        keep = history_emb.shape[1]
+        b = hist_len.shape[0]
+        actions = batch["hist_actions"][:, -keep:]
+        ages = batch["hist_gap_buckets"][:, -keep:].clamp(max=self.config.num_gap_buckets - 1)
+        x = torch.cat([history_emb, target_emb[:, None]], dim=1)  # (B, N, D)
+        x = x + self.action(torch.cat([actions, actions.new_full((b, 1), TARGET_ACTION)], dim=1))
+        x = x + self.age(torch.cat([ages, ages.new_full((b, 1), _NOW_GAP_BUCKET)], dim=1))
+        ts = torch.cat([batch["hist_ts"][:, -keep:], batch["ts"][:, None]], dim=1)  # (B, N)
+        return self.hstu(x, ts, hist_len.clamp(max=keep) + 1)
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Score a sample batch (schema.py field names, tensors on this module's device).
+
+        Returns ``ctr_logit``, ``cvr_logit``, ``p_ctr``, ``p_cvr``, ``p_ctcvr`` (B,);
+        ``user_vec``, ``item_vec`` (B, dim) and ``neg_vec`` (B, P + K, dim) retrieval vectors.
+        """
+        for field, want in (("sparse", self.config.num_sparse_features), ("dense", self.config.num_dense_features)):
+            if batch[field].shape[1] != want:
+                raise ValueError(f"batch has {batch[field].shape[1]} {field} features, model.num_{field}_features={want}")
+        hist_items = batch["hist_items"]
+        # Drop leading columns that are padding in every row: outputs are unchanged (the mask
+        # ignores padding) and the O(N²) attention shrinks. int() syncs with the device once.
+        keep = max(1, min(hist_items.shape[1], self.config.max_history_len, int(batch["hist_len"].max())))
+        b = hist_items.shape[0]
+        ids = torch.cat([hist_items[:, -keep:], batch["item"][:, None], batch["rank_package"], batch["neg_items"]], 1)
+        emb = self.embeddings["item"](ids)  # (B, keep + 1 + P + K, D): one lookup for all item ids
+        history_emb, target_emb, neg_emb = emb[:, :keep], emb[:, keep], emb[:, keep + 1 :]
+        user_emb = self.embeddings["user"](batch["user"])  # (B, D)
+        h = self._sequence(batch, history_emb, target_emb)  # (B, N, D)
+
+        fields = torch.cat(
+            [h[:, -1:], target_emb[:, None], user_emb[:, None], self.embeddings["sparse"](batch["sparse"])], dim=1
+        )  # (B, F, D): target-aware user state, target item, user, sparse features
+        context = self.context(
+            batch["hour"], batch["weekday"], batch["gap_bucket"], batch["dense"],
+            batch["user_ctr_prior"], batch["item_ctr_prior"],
+        )
+        shared = torch.cat([fields.reshape(b, -1), dot_interactions(fields), context], dim=-1)
+        ctr_logit, cvr_logit = self.esmm(shared)
+        log_p_ctcvr, _ = ctcvr_log_probs(ctr_logit, cvr_logit, self.config.esmm.prob_eps)
+        return {
+            "ctr_logit": ctr_logit,
+            "cvr_logit": cvr_logit,
+            "p_ctr": torch.sigmoid(ctr_logit),
+            "p_cvr": torch.sigmoid(cvr_logit),
+            "p_ctcvr": log_p_ctcvr.exp(),
+            "user_vec": self.retrieval.user_vectors(torch.cat([h[:, -2], user_emb], dim=-1)),
+            "item_vec": self.retrieval.item_vectors(target_emb),
+            "neg_vec": self.retrieval.item_vectors(neg_emb),
+        }
+
+    def loss(
+        self, batch: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total training loss and its detached parts: ``ctr``, ``ctcvr``, ``esmm``, ``nce``,
+        ``retrieval``, ``total``, and ``rank`` when a rank loss is configured.
+
+        ``total = esmm + retrieval_weight · (nce + rank_weight · rank)``. Retrieval learns
+        from clicked exposures only, and not from correction rows (their click was already
+        counted when the exposure was first emitted).
+        """
+        cfg = self.config
+        click = batch["click"]
+        parts = esmm_loss(
+            outputs["ctr_logit"], outputs["cvr_logit"], click, batch["convert"], batch["is_correction"], cfg.esmm
+        )
+        row_weight = click * ~batch["is_correction"]  # (B,)
+        neg_ids = torch.cat([batch["rank_package"], batch["neg_items"]], dim=1)  # (B, P + K)
+        user_vec, item_vec, neg_vec = outputs["user_vec"], outputs["item_vec"], outputs["neg_vec"]
+        rcfg = cfg.retrieval
+        parts["nce"] = info_nce_loss(
+            user_vec, item_vec, batch["item"], neg_vec, neg_ids, row_weight, rcfg.temperature, rcfg.in_batch_negatives
+        )
+        retrieval = parts["nce"]
+        if rcfg.rank_loss != "none":
+            parts["rank"] = self._rank_loss(batch, user_vec, item_vec, neg_vec, row_weight)
+            retrieval = retrieval + rcfg.rank_weight * parts["rank"]
+        parts["retrieval"] = retrieval
+        total = parts["esmm"] + cfg.retrieval_weight * parts["retrieval"]
+        parts["total"] = total
+        return total, {name: value.detach() for name, value in parts.items()}
+
+    def _rank_loss(
+        self,
+        batch: Mapping[str, torch.Tensor],
+        user_vec: torch.Tensor,
+        item_vec: torch.Tensor,
+        neg_vec: torch.Tensor,
+        row_weight: torch.Tensor,
+    ) -> torch.Tensor:
+        """Rank the positive above the graded rank-package slots (empty slots and copies of
+        the positive left out). user_vec, item_vec: (B, d); neg_vec: (B, P + K, d)."""
+        package, item = batch["rank_package"], batch["item"]  # (B, P), (B,)
+        pos = (user_vec * item_vec).sum(-1, keepdim=True)  # (B, 1)
+        slots = torch.einsum("bd,bpd->bp", user_vec, neg_vec[:, :RANK_PACKAGE_SLOTS])  # (B, P)
+        scores = torch.cat([pos, slots], dim=1) / self.config.retrieval.temperature  # (B, 1 + P)
+        valid = torch.cat([torch.ones_like(pos, dtype=torch.bool), (package != 0) & (package != item[:, None])], 1)
+        return rank_package_loss(scores, self.rank_grades, valid, row_weight, self.config.retrieval.rank_loss)

@@ -1,0 +1,1 @@
+"""Readable fp32 PyTorch references of every op; also the CPU implementation."""
