@@ -1,0 +1,94 @@
+"""Delta dumps for serving: rows changed since the last dump, and tombstones.
+
+A delta is applied in order by a serving store: upsert every ``keys[i] -> rows[i]``, then
+delete every ``deleted`` key. A key evicted and re-admitted between two dumps appears
+only as an upsert. Parquet layout (one row per key):
+
+=========  ===================================  ====================================
+column     type                                 meaning
+=========  ===================================  ====================================
+key        int64                                the id
+deleted    bool                                 tombstone: drop this key
+embedding  fixed_size_list<float32>[dim], null  the row (null on tombstones)
+=========  ===================================  ====================================
+
+File metadata: ``streamtrain.table``, ``streamtrain.step``, ``streamtrain.dim``,
+``streamtrain.format_version`` and ``streamtrain.default_row`` (JSON list: the vector
+served for keys without a row, learned or zero).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import redis
+
+DELTA_FORMAT_VERSION: Final = 1
+
+
+@dataclass(frozen=True)
+class EmbeddingDelta:
+    table: str
+    step: int  # training steps the table had taken when the delta was cut
+    keys: np.ndarray  # (N,) int64 upserted ids
+    rows: np.ndarray  # (N, D) float32 their current rows
+    deleted: np.ndarray  # (M,) int64 evicted ids (disjoint from keys)
+    default_row: np.ndarray  # (D,) float32 served for ids without a row
+
+    def __post_init__(self) -> None:
+        if self.rows.shape != (self.keys.shape[0], self.default_row.shape[0]):
+            raise ValueError(f"rows {self.rows.shape} do not match keys {self.keys.shape} x dim {self.default_row.shape}")
+
+
+def to_arrow(delta: EmbeddingDelta) -> pa.Table:
+    dim = delta.default_row.shape[0]
+    n, m = delta.keys.shape[0], delta.deleted.shape[0]
+    values = pa.array(np.concatenate([delta.rows.reshape(-1), np.zeros(m * dim, np.float32)]), pa.float32())
+    deleted = np.concatenate([np.zeros(n, bool), np.ones(m, bool)])  # (N + M,)
+    embedding = pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.array(deleted))
+    metadata = {
+        "streamtrain.table": delta.table,
+        "streamtrain.step": str(delta.step),
+        "streamtrain.dim": str(dim),
+        "streamtrain.format_version": str(DELTA_FORMAT_VERSION),
+        "streamtrain.default_row": json.dumps(delta.default_row.tolist()),
+    }
+    return pa.table(
+        {
+            "key": pa.array(np.concatenate([delta.keys, delta.deleted]), pa.int64()),
+            "deleted": pa.array(deleted),
+            "embedding": embedding,
+        }
+    ).replace_schema_metadata(metadata)
+
+
+def write_parquet(delta: EmbeddingDelta, path: str | Path) -> Path:
+    """Write the delta as one Parquet file (written to ``path.tmp``, then renamed)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(to_arrow(delta), tmp)
+    tmp.replace(path)
+    return path
+
+
+def push_to_redis(delta: EmbeddingDelta, client: redis.Redis, hash_key: str, chunk: int = 10_000) -> None:
+    """Apply the delta to the Redis hash ``hash_key``: field = decimal id, value = the row as
+    little-endian float32 bytes (``np.frombuffer(v, "<f4")``); tombstones are ``HDEL``-ed.
+    The default row goes to the string key ``<hash_key>:default``. Errors propagate: a
+    publisher must know its push failed.
+    """
+    rows = delta.rows.astype("<f4", copy=False)
+    pipe = client.pipeline(transaction=False)
+    for start in range(0, delta.keys.shape[0], chunk):
+        part = slice(start, start + chunk)
+        pipe.hset(hash_key, mapping={str(k): r.tobytes() for k, r in zip(delta.keys[part].tolist(), rows[part])})
+    for start in range(0, delta.deleted.shape[0], chunk):
+        pipe.hdel(hash_key, *map(str, delta.deleted[start : start + chunk].tolist()))
+    pipe.set(f"{hash_key}:default", delta.default_row.astype("<f4").tobytes())
+    pipe.execute()
