@@ -1,0 +1,155 @@
+"""Ingest throughput: Kafka -> finished sample batches, beside a raw consume + JSON decode.
+
+    python bench/ingest.py [--quick] [--events N] [--repeats R] [--profile]
+
+Starts its own embedded broker, produces N events of a synthetic world (requests of 5
+exposures from 2000 users over 5000 popularity-skewed items, 5 % clicked, 10 % of clicks
+converted, with user/item/context features) to a 4-partition topic, then times, on the
+same messages, alternately:
+
+* **raw**: a ``confluent_kafka.Consumer`` assigned to all partitions, ``consume(2000)``,
+  ``orjson.loads`` of every value — the practical ceiling of any Python consumer;
+* **joiner**: ``consumers`` end to end — ``KafkaSource`` -> ``EventDecoder`` ->
+  ``LabelJoiner`` -> sample batches of 256 (``IngestPipeline``), ``flush()`` at the end so
+  every exposure leaves as a finished sample; default ``JoinerConfig``.
+
+The benchmark process is pinned to one core and the broker to the other (2-core
+machines). Rates are events per wall second, best of ``--repeats`` (the machine is
+shared: background load only ever adds time). The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import platform
+import pstats
+import time
+
+import orjson
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from consumers.config import DecoderConfig, JoinerConfig, KafkaSourceConfig, PopularityConfig
+from consumers.decode import EventDecoder
+from consumers.joiner import LabelJoiner
+from consumers.pipeline import IngestPipeline
+from consumers.popularity import InProcessPopularity
+from consumers.source import KafkaSource
+from consumers.testing import ListDlqSink, StreamSpec, synthetic_events
+from streamtrain.services import EmbeddedBroker
+
+TOPIC = "bench-events"
+PARTITIONS = 4
+POLL = 2000
+
+
+def produce(bootstrap: str, n_events: int) -> int:
+    spec = StreamSpec(exposures=int(n_events / 1.055), users=2000, items=5000, request_gap_ms=100,
+                      click_rate=0.05, convert_rate=0.10, click_delay_ms=(500, 120_000),
+                      convert_delay_ms=(10_000, 3_600_000))
+    events = synthetic_events(spec)
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.num.messages": 10_000,
+                         "queue.buffering.max.messages": 1_000_000})
+    for e in events:
+        while True:
+            try:
+                producer.produce(TOPIC, key=e["user_id"].encode(), value=orjson.dumps(e))
+                break
+            except BufferError:
+                producer.poll(0.01)
+    if producer.flush(120) != 0:
+        raise RuntimeError("could not deliver the benchmark events")
+    return len(events)
+
+
+def time_raw(bootstrap: str, total: int, run: int) -> float:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"raw-{run}", "enable.auto.commit": False})
+    consumer.assign([TopicPartition(TOPIC, p, 0) for p in range(PARTITIONS)])
+    seen = 0
+    start = time.perf_counter()
+    while seen < total:
+        for m in consumer.consume(min(POLL, total - seen), 1.0):  # never wait for messages that do not exist
+            if m.error() is None:
+                orjson.loads(m.value())
+                seen += 1
+    elapsed = time.perf_counter() - start
+    consumer.close()
+    return elapsed
+
+
+def time_joiner(bootstrap: str, total: int, run: int) -> tuple[float, int]:
+    joiner_cfg = JoinerConfig()
+    source = KafkaSource(KafkaSourceConfig(bootstrap_servers=bootstrap, topic=TOPIC, group_id=f"joiner-{run}",
+                                           mode="assign"))
+    pipeline = IngestPipeline(
+        source,
+        EventDecoder(DecoderConfig(), joiner_cfg.sparse_features, joiner_cfg.dense_features),
+        LabelJoiner(joiner_cfg, InProcessPopularity(PopularityConfig())),
+        ListDlqSink(),
+        batch_size=256,
+    )
+    samples = 0
+    start = time.perf_counter()
+    while pipeline.stats["messages"] < total:
+        remaining = total - pipeline.stats["messages"]
+        samples += sum(len(b["sample_id"]) for b in pipeline.poll(min(POLL, remaining), 1.0))
+    samples += sum(len(b["sample_id"]) for b in pipeline.flush())
+    elapsed = time.perf_counter() - start
+    pipeline.close()
+    if sum(pipeline.dlq_counts.values()):
+        raise RuntimeError(f"valid benchmark events were rejected: {pipeline.dlq_counts}")
+    return elapsed, samples
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    try:
+        os.sched_setaffinity(pid, cpus)
+    except (AttributeError, OSError):  # not Linux, or not allowed: run unpinned
+        pass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="100k events, 1 repeat (< 1 minute)")
+    parser.add_argument("--events", type=int, default=None, help="events to produce (default 600k, quick 100k)")
+    parser.add_argument("--repeats", type=int, default=None, help="alternating runs per path (default 3, quick 1)")
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of one joiner run")
+    args = parser.parse_args()
+    n_events = args.events or (100_000 if args.quick else 600_000)
+    repeats = args.repeats or (1 if args.quick else 3)
+
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    with EmbeddedBroker() as broker:
+        broker.create_topics([TOPIC], partitions=PARTITIONS)
+        if len(cpus) >= 2 and broker.pid is not None:
+            pin(broker.pid, set(cpus[:-1]))
+            pin(0, {cpus[-1]})  # before any client starts: librdkafka threads inherit it
+        total = produce(broker.bootstrap_servers, n_events)
+        print(f"produced {total} events to {PARTITIONS} partitions")
+        raw_s: list[float] = []
+        joiner_s: list[float] = []
+        samples = 0
+        for run in range(repeats):
+            raw_s.append(time_raw(broker.bootstrap_servers, total, run))
+            elapsed, samples = time_joiner(broker.bootstrap_servers, total, run)
+            joiner_s.append(elapsed)
+            print(f"run {run}: raw {total / raw_s[-1]:,.0f} events/s, joiner {total / elapsed:,.0f} events/s "
+                  f"({samples} samples)")
+        if args.profile:
+            profiler = cProfile.Profile()
+            profiler.runcall(time_joiner, broker.bootstrap_servers, total, repeats)
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    raw_rate, joiner_rate = total / min(raw_s), total / min(joiner_s)
+    print(json.dumps({
+        "benchmark": "ingest", "events": total, "samples": samples, "repeats": repeats,
+        "raw_events_per_s": round(raw_rate), "joiner_events_per_s": round(joiner_rate),
+        "ratio": round(joiner_rate / raw_rate, 3),
+        "machine": {"cpus": len(cpus) or os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                    "python": platform.python_version(), "pinned": len(cpus) >= 2},
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""Decode and validate raw event messages (DESIGN §3) into a columnar :class:`EventBatch`.
+
+Pure: bytes in, arrays and :class:`~consumers.reasons.Rejection` records out. Every
+message becomes exactly one of the two; nothing raises on bad input. Checks run in a
+fixed order, so a message with several problems always gets the same reason.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import orjson
+
+from consumers.config import DecoderConfig
+from consumers.hashing import HashMemo, mix_ids
+from consumers.reasons import Reason, Rejection
+from consumers.schema import MAX_EVENT_ID_LEN, Action, hash_feature, hash_id
+
+_TYPE_CODES = {"exposure": int(Action.EXPOSURE), "click": int(Action.CLICK), "convert": int(Action.CONVERT)}
+_EXPOSURE = int(Action.EXPOSURE)
+_REQUIRED = ("event_id", "type", "ts", "user_id", "item_id", "request_id")
+_FEATURE_SCOPES = {"user": "user_features", "item": "item_features", "context": "context"}
+_SCALAR_TYPES = frozenset((str, int, float))
+_FEATURE_MEMO = 1 << 16  # distinct values remembered per sparse feature
+
+
+@dataclass(slots=True)
+class EventBatch:
+    """Valid events, one row each, in message order. ``etype`` holds :class:`Action`
+    codes; ``key`` joins clicks/conversions to their exposure (request_id x item);
+    ``raw`` keeps the original bytes for DLQ records that the joiner may write later."""
+
+    ts: np.ndarray  # (n,) int64 ms
+    etype: np.ndarray  # (n,) int8
+    eid: np.ndarray  # (n,) int64 hash_id(event_id); the sample_id of an exposure
+    user: np.ndarray  # (n,) int64
+    item: np.ndarray  # (n,) int64
+    key: np.ndarray  # (n,) int64
+    partition: np.ndarray  # (n,) int32
+    offset: np.ndarray  # (n,) int64
+    sparse: np.ndarray  # (n, S) int64, 0 = missing (always 0 on clicks/conversions)
+    dense: np.ndarray  # (n, D) float32, NaN = missing
+    raw: np.ndarray  # (n,) object: bytes, or None where no DLQ record can follow
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+    def take(self, index: np.ndarray | slice) -> "EventBatch":
+        """Rows ``index`` (int index, bool mask or slice) of every column."""
+        return EventBatch(*[getattr(self, name)[index] for name in _COLUMNS])
+
+    @staticmethod
+    def concat(batches: Sequence["EventBatch"]) -> "EventBatch":
+        return EventBatch(*[np.concatenate([getattr(b, name) for b in batches]) for name in _COLUMNS])
+
+    @staticmethod
+    def empty(num_sparse: int, num_dense: int) -> "EventBatch":
+        i64 = np.zeros(0, np.int64)
+        return EventBatch(i64, np.zeros(0, np.int8), i64, i64, i64, i64, np.zeros(0, np.int32), i64,
+                          np.zeros((0, num_sparse), np.int64), np.zeros((0, num_dense), np.float32),
+                          np.zeros(0, object))
+
+
+_COLUMNS = tuple(f.name for f in fields(EventBatch))
+
+
+@dataclass(slots=True)
+class Decoded:
+    events: EventBatch
+    rejections: list[Rejection]
+    dense_type_mismatches: int  # declared dense features that arrived as strings (set to NaN)
+
+
+class _Invalid(Exception):
+    def __init__(self, reason: Reason, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+
+
+class EventDecoder:
+    """Turn message values into events; ``sparse``/``dense`` are the declared
+    ``<scope>.<name>`` features, in column order. ``clock`` (ms since epoch) is read only
+    when ``max_clock_skew_ms`` is set.
+
+    The loop has a fast path for well-formed events; anything it does not accept goes
+    through :meth:`validate`, the authoritative check that names the reason.
+    """
+
+    def __init__(self, config: DecoderConfig, sparse: Sequence[str], dense: Sequence[str],
+                 clock: Callable[[], int] | None = None) -> None:
+        self.config = config
+        self._names = (tuple(sparse), tuple(dense))
+        scope_index = {scope: i for i, scope in enumerate(_FEATURE_SCOPES)}
+        self._sparse = [(scope_index[s], n, f"{s}.{n}", {}) for s, _, n in (f.partition(".") for f in sparse)]
+        self._dense = [(scope_index[s], n) for s, _, n in (f.partition(".") for f in dense)]
+        self._memo = HashMemo()
+        if config.max_clock_skew_ms is not None and clock is None:
+            raise ValueError("max_clock_skew_ms needs a clock")
+        self._clock = clock
+
+    @property
+    def features(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The declared (sparse, dense) feature names, in column order."""
+        return self._names
+
+    def decode(self, values: Sequence[bytes | None], partitions: Sequence[int], offsets: Sequence[int]) -> Decoded:
+        cfg = self.config
+        max_ts = cfg.max_ts_ms
+        if self._clock is not None and cfg.max_clock_skew_ms is not None:
+            max_ts = min(max_ts, self._clock() + cfg.max_clock_skew_ms)
+        min_ts, max_bytes, max_id = cfg.min_ts_ms, cfg.max_message_bytes, cfg.max_id_chars
+        ts_l: list[int] = []
+        type_l: list[int] = []
+        eid_l: list[int] = []
+        user_l: list[int] = []
+        item_l: list[int] = []
+        req_l: list[int] = []
+        keep: list[int] = []  # index of each accepted message
+        sparse_l: list[int] = []  # flat (n * S)
+        dense_l: list[float] = []  # flat (n * D)
+        rejections: list[Rejection] = []
+        mismatches = 0
+        memo = self._memo
+        id_of = memo.ids.get
+        no_sparse = [0] * len(self._sparse)
+        no_dense = [math.nan] * len(self._dense)
+        request_memo: dict[str, int] = {}  # a request's items arrive together
+        loads, type_codes, scalar = orjson.loads, _TYPE_CODES, _SCALAR_TYPES.__contains__
+        for i, value in enumerate(values):
+            if not value:
+                rejections.append(Rejection(Reason.EMPTY, "null or empty message value", value, partitions[i], offsets[i]))
+                continue
+            if len(value) > max_bytes:
+                rejections.append(Rejection(Reason.OVERSIZED, f"{len(value)} bytes > {max_bytes}", value,
+                                            partitions[i], offsets[i]))
+                continue
+            try:
+                ev = loads(value)
+            except orjson.JSONDecodeError as exc:
+                rejections.append(Rejection(Reason.NOT_JSON, str(exc)[:200], value, partitions[i], offsets[i]))
+                continue
+            if type(ev) is dict:  # fast path: every check of validate(), inline
+                get = ev.get
+                eid, kind, ts = get("event_id"), get("type"), get("ts")
+                user, item, request = get("user_id"), get("item_id"), get("request_id")
+                scopes = uf, itf, cx = get("user_features"), get("item_features"), get("context")
+                etype = type_codes.get(kind) if type(kind) is str else None
+                fast = (etype is not None and type(eid) is str and 0 < len(eid) <= MAX_EVENT_ID_LEN
+                        and type(ts) is int and min_ts <= ts <= max_ts
+                        and type(request) is str and 0 < len(request) <= max_id
+                        and (type(user) is int or (type(user) is str and 0 < len(user) <= max_id))
+                        and (type(item) is int or (type(item) is str and 0 < len(item) <= max_id))
+                        and (uf is None or (type(uf) is dict and all(map(scalar, map(type, uf.values())))))
+                        and (itf is None or (type(itf) is dict and all(map(scalar, map(type, itf.values())))))
+                        and (cx is None or (type(cx) is dict and all(map(scalar, map(type, cx.values()))))))
+            else:
+                fast = False
+            if not fast:
+                problem = self.validate(ev, max_ts)
+                if problem is not None:
+                    rejections.append(Rejection(problem[0], problem[1], value, partitions[i], offsets[i]))
+                    continue
+                eid, ts, user, item, request = ev["event_id"], ev["ts"], ev["user_id"], ev["item_id"], ev["request_id"]
+                etype = type_codes[ev["type"]]
+                scopes = ev.get("user_features"), ev.get("item_features"), ev.get("context")
+            keep.append(i)
+            ts_l.append(ts)
+            type_l.append(etype)
+            eid_l.append(hash_id(eid))
+            h = id_of(user)
+            user_l.append(memo.id(user) if h is None else h)
+            h = id_of(item)
+            item_l.append(memo.id(item) if h is None else h)
+            h = request_memo.get(request)
+            if h is None:
+                h = request_memo[request] = hash_id(request)
+            req_l.append(h)
+            if etype == _EXPOSURE:
+                mismatches += self._features(scopes, sparse_l, dense_l)
+            else:
+                sparse_l += no_sparse
+                dense_l += no_dense
+        return Decoded(self._columns(keep, values, partitions, offsets, ts_l, type_l, eid_l, user_l, item_l,
+                                     req_l, sparse_l, dense_l), rejections, mismatches)
+
+    def _columns(self, keep: list[int], values: Sequence[bytes | None], partitions: Sequence[int],
+                 offsets: Sequence[int], ts: list[int], etype: list[int], eid: list[int], user: list[int],
+                 item: list[int], request: list[int], sparse: list[int], dense: list[float]) -> EventBatch:
+        n = len(keep)
+        item_arr = np.array(item, np.int64)
+        with np.errstate(over="ignore"):
+            dense_arr = np.array(dense, np.float32).reshape(n, len(self._dense))
+        dense_arr[np.isinf(dense_arr)] = np.nan  # beyond float32 range: as good as missing
+        return EventBatch(
+            ts=np.array(ts, np.int64),
+            etype=np.array(etype, np.int8),
+            eid=np.array(eid, np.int64),
+            user=np.array(user, np.int64),
+            item=item_arr,
+            key=mix_ids(np.array(request, np.int64), item_arr),
+            partition=np.array([partitions[i] for i in keep], np.int32),
+            offset=np.array([offsets[i] for i in keep], np.int64),
+            sparse=np.array(sparse, np.int64).reshape(n, len(self._sparse)),
+            dense=dense_arr,
+            raw=_object_array([values[i] for i in keep]),
+        )
+
+    def validate(self, ev: object, max_ts: int | None = None) -> tuple[Reason, str] | None:
+        """The contract for a parsed message, checked in a fixed order: ``(reason,
+        detail)`` of the first violation, or None. (Empty, oversized and unparseable
+        messages are rejected before parsing.)"""
+        try:
+            self._check(ev, self.config.max_ts_ms if max_ts is None else max_ts)
+        except _Invalid as bad:
+            return bad.reason, bad.detail
+        return None
+
+    def _check(self, ev: object, max_ts: int) -> None:
+        if type(ev) is not dict:
+            raise _Invalid(Reason.NOT_OBJECT, f"top level is {type(ev).__name__}")
+        for name in _REQUIRED:
+            if name not in ev:
+                raise _Invalid(Reason.MISSING_FIELD, name)
+        event_id = ev["event_id"]
+        if type(event_id) is not str or not event_id:
+            raise _Invalid(Reason.BAD_TYPE, "event_id must be a non-empty string")
+        if len(event_id) > MAX_EVENT_ID_LEN:
+            raise _Invalid(Reason.EVENT_ID_TOO_LONG, f"{len(event_id)} chars > {MAX_EVENT_ID_LEN}")
+        kind = ev["type"]
+        if type(kind) is not str:
+            raise _Invalid(Reason.BAD_TYPE, "type must be a string")
+        if kind not in _TYPE_CODES:
+            raise _Invalid(Reason.UNKNOWN_TYPE, kind[:100])
+        ts = ev["ts"]
+        if type(ts) is not int:
+            raise _Invalid(Reason.BAD_TYPE, "ts must be an integer (ms since epoch)")
+        if not self.config.min_ts_ms <= ts <= max_ts:
+            raise _Invalid(Reason.BAD_TS, f"ts {ts} outside [{self.config.min_ts_ms}, {max_ts}]")
+        max_id = self.config.max_id_chars
+        for name in ("user_id", "item_id", "request_id"):
+            value = ev[name]
+            kind_ok = type(value) is str or (type(value) is int and name != "request_id")
+            if not kind_ok or value == "":
+                raise _Invalid(Reason.BAD_TYPE, f"{name} must be a non-empty string" + (" or integer" if name != "request_id" else ""))
+            if type(value) is str and len(value) > max_id:
+                raise _Invalid(Reason.ID_TOO_LONG, f"{name}: {len(value)} chars > {max_id}")
+        for scope in _FEATURE_SCOPES.values():
+            feats = ev.get(scope)
+            if feats is None:
+                continue
+            if type(feats) is not dict:
+                raise _Invalid(Reason.BAD_TYPE, f"{scope} must be an object")
+            for name, value in feats.items():
+                if type(value) not in _SCALAR_TYPES:
+                    raise _Invalid(Reason.BAD_TYPE, f"{scope}.{name[:100]} must be a string or number")
+
+    def _features(self, scopes: tuple[dict[str, Any] | None, ...], sparse: list[int], dense: list[float]) -> int:
+        """Append one exposure's declared features (``scopes``: the validated user, item
+        and context objects); return its dense type mismatches."""
+        for scope, name, full, cache in self._sparse:
+            feats = scopes[scope]
+            value = feats.get(name) if feats else None
+            if value is None:
+                sparse.append(0)
+                continue
+            key = value if type(value) is str else (type(value), value)  # 1 == 1.0 as keys; "n=1" != "n=1.0"
+            h = cache.get(key)
+            if h is None:
+                if len(cache) >= _FEATURE_MEMO:
+                    cache.clear()
+                h = cache[key] = hash_feature(full, value)
+            sparse.append(h)
+        bad = 0
+        for scope, name in self._dense:
+            feats = scopes[scope]
+            value = feats.get(name) if feats else None
+            if type(value) is float or type(value) is int:
+                dense.append(float(value))
+            else:
+                bad += value is not None
+                dense.append(math.nan)
+        return bad
+
+
+def _object_array(items: list[bytes]) -> np.ndarray:
+    out = np.empty(len(items), object)
+    out[:] = items
+    return out

@@ -1,0 +1,44 @@
+"""Why an event was rejected: stable, machine-readable reason strings.
+
+The values are part of the DLQ record contract and of the metric labels
+(``streamtrain_dlq_events_total{reason=...}``): never rename one, only add.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Reason(str, Enum):
+    # decode + validate (per message, pure)
+    EMPTY = "empty"  # null or zero-length value (tombstone)
+    OVERSIZED = "oversized"  # value longer than decoder.max_message_bytes
+    NOT_JSON = "not_json"  # not parseable as JSON (includes NaN/Infinity literals, >64-bit ints)
+    NOT_OBJECT = "not_object"  # JSON, but not an object
+    MISSING_FIELD = "missing_field"  # a required field is absent
+    BAD_TYPE = "bad_type"  # a field has the wrong JSON type (or is empty)
+    UNKNOWN_TYPE = "unknown_type"  # "type" is not exposure/click/convert
+    BAD_TS = "bad_ts"  # ts outside [min_ts_ms, max_ts_ms] or beyond the allowed clock skew
+    EVENT_ID_TOO_LONG = "event_id_too_long"  # event_id over 128 chars (DESIGN §3)
+    ID_TOO_LONG = "id_too_long"  # user_id/item_id/request_id over decoder.max_id_chars
+    # joiner (event time)
+    TOO_LATE = "too_late"  # ts below the watermark: its windows may already be closed
+    # "Open" = the exposure was seen and its windows had not closed at the event's ts (in
+    # event time, so the reason never depends on when a sample was physically emitted).
+    ORPHAN_CLICK = "orphan_click"  # no open exposure with this (request_id, item_id): none, or closed
+    ORPHAN_CONVERT = "orphan_convert"  # no open exposure with this (request_id, item_id): none, or closed
+    CLICK_OUTSIDE_WINDOW = "click_outside_window"  # open exposure, but a repeat click after click_window
+    CONVERT_WITHOUT_CLICK = "convert_without_click"  # open exposure, but no click at or before the conversion
+    CONVERT_OUTSIDE_WINDOW = "convert_outside_window"  # open exposure (still in its click window), conversion after click + convert_window
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """One rejected message, on its way to the DLQ."""
+
+    reason: Reason
+    detail: str
+    original: bytes | None
+    partition: int
+    offset: int
