@@ -23,8 +23,13 @@ from typing import Any, Literal
 
 import orjson
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from checkpoints.config import CheckpointConfig
+from consumers.config import DecoderConfig, IngestConfig, JoinerConfig, KafkaSourceConfig, PopularityConfig
+from monitors.config import MonitorsConfig
+from streamtrain.embedding import EmbeddingTableConfig
+from streamtrain.modules.config import ModelConfig
 from streamtrain.simulator.config import SimulatorConfig
 
 ENV_PREFIX = "STREAMTRAIN_"
@@ -36,19 +41,14 @@ class Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class KafkaConfig(Section):
-    bootstrap_servers: str = "127.0.0.1:9092"  # overridden by the embedded broker in `demo`
-    events_topic: str = "events"  # DESIGN.md §1 topic names
-    dlq_topic: str = "events.dlq"
-    samples_topic: str = "samples"
+class KafkaConfig(KafkaSourceConfig):
+    """Connection, topics and consumer behaviour (``topic`` is the input events topic)."""
+
+    mode: Literal["subscribe", "assign"] = "assign"  # one trainer reads every partition: no rebalances, exact replays
+    dlq_topic: str = "events.dlq"  # DESIGN.md §1 topic names
+    samples_topic: str = "samples"  # Arrow IPC output of `streamtrain join`
     truth_topic: str = "events.truth"  # simulator ground truth (oracle AUC)
-    group_id: str = "streamtrain"
-    partitions: int = Field(4, ge=1)  # used when streamtrain creates the topics itself
-    auto_offset_reset: Literal["earliest", "latest"] = "earliest"  # a new group must not skip history
-    session_timeout_ms: int = Field(6000, ge=1000)  # first join waits half of this (Tansu)
-    client_overrides: dict[str, str | int | float | bool] = Field(
-        default_factory=dict
-    )  # passed verbatim to librdkafka: security.protocol, sasl.*, ssl.* ...
+    partitions: int = Field(4, ge=1)  # used only when streamtrain creates the topics itself
 
 
 class RedisConfig(Section):
@@ -57,10 +57,12 @@ class RedisConfig(Section):
 
 
 class FeaturesConfig(Section):
-    """Declared features, as ``<scope>.<name>`` with scope user | item | context."""
+    """Declared features, as ``<scope>.<name>`` with scope user | item | context: the
+    joiner reads them from events, the model gets one column each, the drift monitor
+    watches each."""
 
-    sparse: list[str] = Field(default_factory=lambda: ["user.segment", "item.category", "context.device"])
-    dense: list[str] = Field(default_factory=lambda: ["item.price"])
+    sparse: list[str] = Field(default_factory=lambda: ["user.segment", "item.category", "context.device"])  # hashed ids, one embedding each
+    dense: list[str] = Field(default_factory=lambda: ["item.price"])  # float32 values; missing -> NaN, the model adds an indicator
 
     @field_validator("sparse", "dense")
     @classmethod
@@ -80,13 +82,27 @@ class TrainerConfig(Section):
     seed: int = 0  # fixes init and every RNG so a replay is bit-identical
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when present
     poll_max_messages: int = Field(2000, ge=1)  # per consume() call; bounds latency per loop turn
+    poll_timeout_s: float = Field(0.2, gt=0)  # longest wait for the first message of a poll
+    threads: int = Field(1, ge=1)  # torch intra-op threads, fixed so CPU results are bit-reproducible; 1 beats 2 on a
+    # 2-core box (measured 3400 vs 730 samples/s: torch threads fight librdkafka's for the cores)
+
+
+class EmbeddingsConfig(Section):
+    """One dynamic table per id space; ``dim`` and ``name`` are filled from the model/keys."""
+
+    item: EmbeddingTableConfig = EmbeddingTableConfig(name="item")
+    user: EmbeddingTableConfig = EmbeddingTableConfig(name="user")
+    sparse: EmbeddingTableConfig = EmbeddingTableConfig(name="sparse", initial_rows=1024)  # few distinct values
 
 
 class PublishingConfig(Section):
-    root: Path = Path("runs/default/published")
+    root: Path | None = None  # None: <run_dir>/published
     every_samples: int = Field(20_000, ge=1)  # release cadence while the gate is OPEN
     every_seconds: float | None = None  # optional wall-clock cadence in addition
-    keep_versions: int = Field(10, ge=1)  # older versions are pruned; CURRENT's is never pruned
+    keep_versions: int = Field(10, ge=1)  # older versions are pruned
+    shadow_window: int = Field(4096, ge=0)  # held-out samples both models score before a release; 0 = no shadow check
+    shadow_tolerance: float = Field(0.01, ge=0)  # hold a release whose log-loss is worse than CURRENT's by more
+    rollback_margin_samples: int = Field(40_000, ge=0)  # action=rollback: last version released this long before the freeze
 
 
 class MetricsConfig(Section):
@@ -103,17 +119,99 @@ class ControlConfig(Section):
 
 
 class StreamtrainConfig(Section):
-    """The whole effective configuration (``streamtrain config show`` prints it)."""
+    """The whole effective configuration (``streamtrain config show`` prints it).
 
-    run_dir: Path = Path("runs/default")  # logs, tokens, default checkpoint/publish roots live under it
+    ``features`` is the one place features are declared; the joiner's feature lists and
+    the model's feature counts follow from it, as do every table's ``dim`` (from
+    ``model.embedding_dim``) and the default checkpoint/publish roots (under ``run_dir``).
+    Setting a derived value explicitly to something inconsistent is an error.
+    """
+
+    run_dir: Path = Path("runs/default")  # logs, control token, default checkpoint/publish roots
     kafka: KafkaConfig = KafkaConfig()
     redis: RedisConfig = RedisConfig()
     features: FeaturesConfig = FeaturesConfig()
+    decoder: DecoderConfig = DecoderConfig()
+    joiner: JoinerConfig = JoinerConfig()
+    popularity: PopularityConfig = PopularityConfig()
+    model: ModelConfig = ModelConfig()
+    embeddings: EmbeddingsConfig = EmbeddingsConfig()
     trainer: TrainerConfig = TrainerConfig()
+    checkpoints: CheckpointConfig = CheckpointConfig(root=Path("runs/default/checkpoints"))
+    monitors: MonitorsConfig = MonitorsConfig()
     publishing: PublishingConfig = PublishingConfig()
     metrics: MetricsConfig = MetricsConfig()
     control: ControlConfig = ControlConfig()
     simulator: SimulatorConfig = SimulatorConfig()  # used by `simulate` and `demo`
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}
+        features = data.get("features") or {}
+        defaults = FeaturesConfig()
+        sparse = features.get("sparse", defaults.sparse) if isinstance(features, dict) else defaults.sparse
+        dense = features.get("dense", defaults.dense) if isinstance(features, dict) else defaults.dense
+        joiner = data.setdefault("joiner", {})
+        model = data.setdefault("model", {})
+        if isinstance(joiner, dict):
+            joiner.setdefault("sparse_features", sparse)
+            joiner.setdefault("dense_features", dense)
+        if isinstance(model, dict) and isinstance(sparse, list) and isinstance(dense, list):
+            model.setdefault("num_sparse_features", len(sparse))
+            model.setdefault("num_dense_features", len(dense))
+        run_dir = Path(str(data.get("run_dir", "runs/default")))
+        ckpt = data.setdefault("checkpoints", {})
+        if isinstance(ckpt, dict):
+            ckpt.setdefault("root", run_dir / "checkpoints")
+        dim = model.get("embedding_dim", ModelConfig().embedding_dim) if isinstance(model, dict) else None
+        tables = data.setdefault("embeddings", {})
+        if isinstance(tables, dict):
+            for name in EmbeddingsConfig.model_fields:
+                table = tables.get(name)
+                table = dict(table) if isinstance(table, Mapping) else {} if table is None else table
+                if isinstance(table, dict):
+                    table.setdefault("name", name)
+                    if dim is not None:
+                        table.setdefault("dim", dim)
+                    if name == "sparse":
+                        table.setdefault("initial_rows", 1024)
+                tables[name] = table
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "StreamtrainConfig":
+        problems = []
+        if list(self.joiner.sparse_features) != self.features.sparse or list(self.joiner.dense_features) != self.features.dense:
+            problems.append("joiner.sparse_features/dense_features must equal features.sparse/dense (declare features once, in features)")
+        if self.model.num_sparse_features != len(self.features.sparse) or self.model.num_dense_features != len(self.features.dense):
+            problems.append("model.num_sparse_features/num_dense_features must equal the number of declared features")
+        for name in EmbeddingsConfig.model_fields:
+            if getattr(self.embeddings, name).dim != self.model.embedding_dim:
+                problems.append(f"embeddings.{name}.dim must equal model.embedding_dim ({self.model.embedding_dim})")
+        if self.model.num_gap_buckets < self.joiner.num_gap_buckets:
+            problems.append(f"model.num_gap_buckets ({self.model.num_gap_buckets}) must be >= the joiner's "
+                            f"{self.joiner.num_gap_buckets} (len(joiner.gap_bucket_edges_ms) + 2)")
+        if self.popularity.backend == "redis" and not (self.popularity.redis_url or self.redis.url):
+            problems.append("popularity.backend=redis needs redis.url (or popularity.redis_url)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def ingest(self) -> IngestConfig:
+        """The consumer side's view of this config (what ``consumers.runtime`` takes)."""
+        popularity = self.popularity
+        if popularity.backend == "redis" and not popularity.redis_url:
+            popularity = popularity.model_copy(update={"redis_url": self.redis.url})
+        return IngestConfig(source=self.kafka, decoder=self.decoder, joiner=self.joiner, popularity=popularity,
+                            dlq_topic=self.kafka.dlq_topic, samples_topic=self.kafka.samples_topic,
+                            poll_max_messages=self.trainer.poll_max_messages, poll_timeout_s=self.trainer.poll_timeout_s)
+
+    @property
+    def published_root(self) -> Path:
+        return self.publishing.root or self.run_dir / "published"
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

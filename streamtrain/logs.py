@@ -34,4 +34,5 @@ def setup_logging(level: str = "INFO", json_logs: bool | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    logging.getLogger("faust").setLevel(max(root.level, logging.WARNING))
+    for noisy in ("faust", "faiss.loader"):
+        logging.getLogger(noisy).setLevel(max(root.level, logging.WARNING))

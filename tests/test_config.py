@@ -18,8 +18,13 @@ def test_defaults_validate_and_hash_is_stable() -> None:
     assert load_config(environ={}, overrides=["trainer.seed=1"]).config_hash() != a.config_hash()
 
 
-def test_shipped_default_yaml_matches_the_defaults() -> None:
-    assert load_config(REPO / "configs" / "default.yaml", environ={}) == StreamtrainConfig()
+def test_shipped_default_yaml_matches_the_defaults_and_the_generator() -> None:
+    from streamtrain.config_docs import render_default_config
+
+    shipped = REPO / "configs" / "default.yaml"
+    assert load_config(shipped, environ={}) == StreamtrainConfig()
+    assert shipped.read_text() == render_default_config(), (
+        "configs/default.yaml is stale: run `python -m streamtrain.config_docs > configs/default.yaml`")
 
 
 def test_precedence_file_then_env_then_flags(tmp_path: Path) -> None:
@@ -35,13 +40,13 @@ def test_precedence_file_then_env_then_flags(tmp_path: Path) -> None:
 
 def test_every_problem_gets_one_line_naming_field_and_allowed_values(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
-    path.write_text("kafka:\n  auto_offset_reset: middle\n  bogus: 1\ntrainer:\n  batch_size: -3\nnope: {}\n")
+    path.write_text("kafka:\n  start: middle\n  bogus: 1\ntrainer:\n  batch_size: -3\nnope: {}\n")
     with pytest.raises(ConfigError) as info:
         load_config(path, environ={})
     lines = str(info.value).splitlines()
     assert len(lines) == 4, lines
     text = str(info.value)
-    assert "kafka.auto_offset_reset: Input should be 'earliest' or 'latest'" in text
+    assert "kafka.start: Input should be 'earliest' or 'latest'" in text
     assert "kafka.bogus: unknown key (allowed: " in text and "group_id" in text
     assert "trainer.batch_size: Input should be greater than or equal to 1" in text
     assert "nope: unknown key" in text

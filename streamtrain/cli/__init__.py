@@ -8,14 +8,27 @@ import sys
 from collections.abc import Sequence
 
 from streamtrain import __version__
-from streamtrain.cli import config_cmd, exit_codes, services_cmd, simulate_cmd
+from streamtrain.cli import (
+    checkpoints_cmd,
+    config_cmd,
+    demo_cmd,
+    exit_codes,
+    gate_cmd,
+    join_cmd,
+    publish_cmd,
+    run_cmd,
+    services_cmd,
+    simulate_cmd,
+)
 from streamtrain.config import ConfigError
 from streamtrain.logs import setup_logging
+from checkpoints import CheckpointError
+from streamtrain.publisher import PublishError
 from streamtrain.services import ServiceError
 
 log = logging.getLogger("streamtrain")
 
-COMMANDS = (config_cmd, services_cmd, simulate_cmd)
+COMMANDS = (demo_cmd, run_cmd, join_cmd, config_cmd, services_cmd, simulate_cmd, checkpoints_cmd, gate_cmd, publish_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"configuration error:\n{exc}", file=sys.stderr)
         return exit_codes.USAGE
-    except ServiceError as exc:
+    except (ServiceError, PublishError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exit_codes.RUNTIME_FAILURE
     except KeyboardInterrupt:

@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--drift", action="append", default=[], metavar="kind=K,at=N[,until=M][,magnitude=X][,feature=F][,broken_mode=constant|garbage]",
                         help="inject a drift at exposure N (repeatable); kinds: label_shift, feature_shift, broken_feature, concept_shift")
     parser.add_argument("--bootstrap-servers", help="Kafka bootstrap (default: kafka.bootstrap_servers)")
-    parser.add_argument("--topic", help="target topic (default: kafka.events_topic)")
+    parser.add_argument("--topic", help="target topic (default: kafka.topic)")
     parser.add_argument("--out", type=Path, help="write JSON lines to this file instead of Kafka")
     parser.add_argument("--truth", type=Path, help="write the ground truth (true pCTR/pCVR per exposure) as JSON lines here")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
@@ -70,7 +70,7 @@ def _simulate(args: argparse.Namespace) -> int:
         sink = JsonlSink(args.out)
     else:
         bootstrap = args.bootstrap_servers or config.kafka.bootstrap_servers
-        topic = args.topic or config.kafka.events_topic
+        topic = args.topic or config.kafka.topic
         create_topics(bootstrap, [topic], config.kafka.partitions, client_overrides=config.kafka.client_overrides)
         sink = KafkaSink(bootstrap, topic, config.kafka.client_overrides)
     truth_file = open(args.truth, "wb") if args.truth else None

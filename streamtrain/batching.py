@@ -1,0 +1,65 @@
+"""Fixed-size training batches cut from the joiner's sample stream.
+
+The joiner emits samples in chunks whose sizes depend on how messages arrived; the
+trainer must see the same batches on every replay (DESIGN §6.1). :class:`SampleBuffer`
+re-cuts the stream into batches of exactly ``batch_size`` samples, so batch boundaries
+depend only on the sample sequence. Samples emitted but not yet trained are part of the
+checkpoint (``state_dict``): after a restart they are trained from the buffer, never
+re-emitted by the joiner and never lost.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from consumers.schema import SAMPLE_FIELDS, SampleBatch, concat_batches, slice_batch
+
+FORMAT_VERSION = 1
+
+
+class SampleBuffer:
+    def __init__(self, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.batch_size = batch_size
+        self._chunks: list[SampleBatch] = []
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def extend(self, batch: SampleBatch) -> None:
+        n = len(batch["sample_id"])
+        if n:
+            self._chunks.append(batch)
+            self._size += n
+
+    def pop_batch(self, allow_partial: bool = False) -> SampleBatch | None:
+        """The next batch of exactly ``batch_size`` samples (or fewer with ``allow_partial``,
+        used only when draining at a deterministic stop point); ``None`` if not enough."""
+        if self._size == 0 or (self._size < self.batch_size and not allow_partial):
+            return None
+        merged = concat_batches(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
+        take = min(self.batch_size, self._size)
+        batch = slice_batch(merged, 0, take)
+        rest = slice_batch(merged, take, self._size)
+        self._chunks = [rest] if take < self._size else []
+        self._size -= take
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        merged = concat_batches(self._chunks) if self._chunks else None
+        return {
+            "format_version": FORMAT_VERSION,
+            "size": self._size,
+            "samples": {k: np.ascontiguousarray(v).copy() for k, v in merged.items()} if merged else {},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"sample buffer format {state.get('format_version')} != {FORMAT_VERSION}")
+        samples = state["samples"]
+        self._chunks = [{k: np.asarray(samples[k]) for k in SAMPLE_FIELDS}] if state["size"] else []
+        self._size = int(state["size"])

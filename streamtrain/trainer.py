@@ -1,0 +1,170 @@
+"""The incremental trainer: one prequential step per sample batch.
+
+``step(batch)`` runs the model forward in training mode, hands the detached predictions
+(made *before* this batch's update) to the caller's ``observe`` callback — the monitors —
+then backpropagates, updates the dense parameters (Adam) and the dynamic embedding rows
+(row-wise optimizers). The same forward serves scoring and training, so prequential
+evaluation costs no second pass.
+
+Determinism: everything a step depends on — dense weights, Adam moments, embedding
+tables with their optimizer slots and admission sketch, torch's CPU RNG — is in
+:meth:`Trainer.state_dict`, and batches arrive in a fixed order (``SampleBatch`` cut by
+:class:`~streamtrain.batching.SampleBuffer`). On CPU with a fixed thread count a replay
+from a checkpoint reproduces the uninterrupted run bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from consumers.schema import SampleBatch
+from streamtrain.embedding import ColdTier, EmbeddingTableConfig
+from streamtrain.modules.config import ModelConfig
+from streamtrain.modules.dynamic_embedding import DynamicEmbedding
+from streamtrain.modules.rec_model import EMBEDDING_KEYS, RecModel
+
+FORMAT_VERSION = 1
+
+
+class EventClockedEmbedding(nn.Module):
+    """Passes the batch's event time to a dynamic table (TTL eviction runs on event time,
+    never on the wall clock); the model calls it like any embedding."""
+
+    def __init__(self, inner: DynamicEmbedding) -> None:
+        super().__init__()
+        self.inner = inner
+        self.now_ms: int | None = None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.inner(ids, now_ms=self.now_ms)
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Prequential predictions of one batch (before the update), on the host."""
+
+    p_ctr: np.ndarray  # (B,)
+    p_ctcvr: np.ndarray  # (B,)
+
+
+Observer = Callable[[SampleBatch, Predictions], None]
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("trainer.device=cuda but no CUDA device is available")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class Trainer:
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        tables: Mapping[str, EmbeddingTableConfig],
+        *,
+        learning_rate: float,
+        seed: int,
+        device: torch.device,
+        cold_tier: Callable[[str], ColdTier | None] = lambda name: None,
+    ) -> None:
+        if sorted(tables) != sorted(EMBEDDING_KEYS):
+            raise ValueError(f"need embedding tables {EMBEDDING_KEYS}, got {sorted(tables)}")
+        torch.manual_seed(seed)
+        self.device = device
+        self.tables = {name: DynamicEmbedding(cfg, device=device, cold_tier=cold_tier(name)) for name, cfg in tables.items()}
+        self._clocked = {name: EventClockedEmbedding(t) for name, t in self.tables.items()}
+        self.model = RecModel(model_config, self._clocked).to(device)
+        self.optimizer = torch.optim.Adam(self.model.dense_parameters(), lr=learning_rate)
+        # bf16 autocast on CUDA only: CPU autocast would make CPU runs slower and inexact.
+        self._autocast = device.type == "cuda"
+        self.steps = 0
+        self.samples = 0
+
+    def to_tensors(self, batch: SampleBatch) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def step(self, batch: SampleBatch, observe: Observer | None = None) -> dict[str, float]:
+        """Score, let ``observe`` see the scores, then train on ``batch``. Returns losses."""
+        tensors = self.to_tensors(batch)
+        now_ms = int(batch["ts"].max())
+        for clocked in self._clocked.values():
+            clocked.now_ms = now_ms
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
+            outputs = self.model(tensors)
+            total, parts = self.model.loss(tensors, outputs)
+        if observe is not None:
+            observe(batch, Predictions(outputs["p_ctr"].detach().float().cpu().numpy(),
+                                       outputs["p_ctcvr"].detach().float().cpu().numpy()))
+        total.backward()
+        self.optimizer.step()
+        for table in self.tables.values():
+            table.apply_gradients()
+        self.steps += 1
+        self.samples += len(batch["sample_id"])
+        return {name: float(value) for name, value in parts.items()}
+
+    @torch.no_grad()
+    def predict(self, batch: SampleBatch) -> Predictions:
+        """Pure scoring (no admission, no update): used by the shadow check."""
+        self.model.eval()
+        outputs = self.model(self.to_tensors(batch))
+        return Predictions(outputs["p_ctr"].float().cpu().numpy(), outputs["p_ctcvr"].float().cpu().numpy())
+
+    def dense_state(self) -> dict[str, torch.Tensor]:
+        """Dense weights only (the model without its embedding tables), detached copies."""
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items() if not k.startswith("embeddings.")}
+
+    def state_dict(self) -> dict[str, Any]:
+        opt = self.optimizer.state_dict()
+        return {
+            "format_version": FORMAT_VERSION,
+            "steps": self.steps,
+            "samples": self.samples,
+            "dense": self.dense_state(),
+            # Optimizer state keyed by parameter index as strings: JSON object keys are strings.
+            "optimizer": {"state": {str(i): {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()}
+                                    for i, s in opt["state"].items()},
+                          "param_groups": [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()}
+                                           for g in opt["param_groups"]]},
+            "rng": torch.get_rng_state().clone(),
+            "tables": {name: t.table.state_dict() for name, t in self.tables.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any], *, model_only: bool = False) -> None:
+        """Restore a trainer. ``model_only`` (warm start) takes weights and tables but keeps
+        this trainer's fresh counters; shape mismatches raise with the offending names."""
+        if state.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"trainer state format {state.get('format_version')} != {FORMAT_VERSION}")
+        self._load_dense(state["dense"])
+        for name, table in self.tables.items():
+            table.table.load_state_dict(state["tables"][name])
+        opt = state["optimizer"]
+        self.optimizer.load_state_dict({
+            "state": {int(i): dict(s) for i, s in opt["state"].items()},
+            "param_groups": [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in opt["param_groups"]],
+        })
+        if model_only:
+            return
+        self.steps = int(state["steps"])
+        self.samples = int(state["samples"])
+        torch.set_rng_state(state["rng"])
+
+    def _load_dense(self, dense: Mapping[str, torch.Tensor]) -> None:
+        own = self.dense_state()
+        problems = [f"{k}: missing" for k in own if k not in dense]
+        problems += [f"{k}: unexpected" for k in dense if k not in own]
+        problems += [f"{k}: shape {tuple(dense[k].shape)} vs model {tuple(v.shape)}"
+                     for k, v in own.items() if k in dense and dense[k].shape != v.shape]
+        if problems:
+            raise ValueError("checkpoint does not fit this model config:\n  " + "\n  ".join(problems))
+        self.model.load_state_dict(dict(dense), strict=False)

@@ -1,0 +1,69 @@
+"""Helpers to run the real daemon as a subprocess against the session broker."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from checkpoints import CheckpointStore
+from streamtrain.simulator import KafkaSink, SimulatorConfig, run_simulation
+
+# Small enough for CI's 2 cores, big enough that a checkpoint write takes a few ms.
+SMALL_CONFIG: dict[str, Any] = {
+    "kafka": {"partitions": 2},
+    "trainer": {"batch_size": 64, "threads": 1, "poll_max_messages": 500},
+    "model": {"embedding_dim": 16, "max_history_len": 16, "hstu": {"num_layers": 1, "qk_dim": 8, "v_dim": 8},
+              "esmm": {"hidden": [32]}, "retrieval": {"dim": 16}},
+    "joiner": {"history_len": 16, "click_window_ms": 60_000, "convert_window_ms": 3_600_000},
+    "checkpoints": {"every_samples": 512, "every_seconds": None, "fsync": False, "keep_last": 50},
+    "monitors": {name: {"window": 2000} for name in ("label_ratio", "feature_drift", "auc")},
+    "publishing": {"every_samples": 2048},
+    "metrics": {"port": 0},
+    "control": {"port": 0},
+    "embeddings": {name: {"initial_rows": 1 << 15, "admission": {"min_count": 1, "sketch_width": 4096}}
+                   for name in ("item", "user", "sparse")},
+}
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def write_config(path: Path, bootstrap: str, topic: str, run_dir: Path, **overrides: Any) -> Path:
+    doc = deep_merge(SMALL_CONFIG, {"run_dir": str(run_dir),
+                                    "kafka": {"bootstrap_servers": bootstrap, "topic": topic, "dlq_topic": f"{topic}.dlq"}})
+    path.write_text(yaml.safe_dump(deep_merge(doc, overrides)))
+    return path
+
+
+def produce_log(bootstrap: str, topic: str, **sim: Any) -> dict[str, Any]:
+    """Produce a fixed, seeded event log; returns the simulator's summary."""
+    from streamtrain.services.topics import create_topics
+
+    create_topics(bootstrap, [topic, f"{topic}.dlq"], partitions=2)
+    stats = run_simulation(SimulatorConfig(**sim), KafkaSink(bootstrap, topic))
+    return stats.summary()
+
+
+def daemon_command(config: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "streamtrain", "--log-format", "json", "--log-level", "WARNING", "run",
+            "--config", str(config), *args]
+
+
+def start_daemon(config: Path, *args: str, log_path: Path) -> subprocess.Popen[bytes]:
+    log = open(log_path, "ab")
+    return subprocess.Popen(daemon_command(config, *args), stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONHASHSEED": "0"})
+
+
+def final_state(run_dir: Path) -> Any:
+    with CheckpointStore(run_dir / "checkpoints", readonly=True) as store:
+        return store.load()

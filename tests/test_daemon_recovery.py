@@ -1,0 +1,160 @@
+"""Exactly-once recovery (DESIGN §6.1) on the real daemon, real broker, real files.
+
+A fixed, seeded event log is trained once uninterrupted (the reference). Every other run
+here is disturbed — SIGKILLed at several moments (one of them mid-checkpoint-write),
+stopped by SIGTERM and resumed, starved by a SIGSTOPped broker, restarted on a corrupted
+latest checkpoint — and must end with weights bit-identical to the reference and a
+ledger chain holding every trained sample id exactly once.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from checkpoints import ledger_chain
+from daemon_harness import final_state, produce_log, start_daemon, write_config
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+TARGET_SAMPLES = 4096  # a multiple of the batch size: a deterministic stop point
+KILLS = 5
+
+
+@pytest.fixture(scope="module")
+def event_log(kafka_bootstrap: str) -> str:
+    topic = f"recovery-{time.time_ns()}"
+    produce_log(kafka_bootstrap, topic, seed=11, exposures=7000, users=300, items=800)
+    return topic
+
+
+@pytest.fixture(scope="module")
+def reference(kafka_bootstrap: str, event_log: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Run dir of one uninterrupted run to TARGET_SAMPLES."""
+    tmp = tmp_path_factory.mktemp("reference")
+    config = write_config(tmp / "reference.yaml", kafka_bootstrap, event_log, tmp / "run")
+    _run_to_end(config, tmp / "reference.log")
+    return tmp / "run"
+
+
+def _run_to_end(config: Path, log: Path, samples: int = TARGET_SAMPLES) -> None:
+    proc = start_daemon(config, "--stop-after-samples", str(samples), log_path=log)
+    assert proc.wait(timeout=240) == 0, log.read_text()[-3000:]
+
+
+def assert_same_as_reference(run_dir: Path, reference_dir: Path, what: object) -> None:
+    reference, got = final_state(reference_dir), final_state(run_dir)
+    assert got.components["trainer"]["samples"] == reference.components["trainer"]["samples"] == TARGET_SAMPLES
+    ref_dense, got_dense = reference.components["trainer"]["dense"], got.components["trainer"]["dense"]
+    assert ref_dense.keys() == got_dense.keys()
+    mismatched = [k for k in ref_dense if not torch.equal(ref_dense[k], got_dense[k])]
+    assert not mismatched, f"dense weights differ after {what}: {mismatched}"
+    for table, ref_state in reference.components["trainer"]["tables"].items():
+        got_state = got.components["trainer"]["tables"][table]
+        assert torch.equal(ref_state["weight"], got_state["weight"]), f"table {table} rows differ after {what}"
+    ref_ids = ledger_chain(reference_dir / "checkpoints").sample_ids()
+    got_ids = ledger_chain(run_dir / "checkpoints").sample_ids()
+    assert len(got_ids) == TARGET_SAMPLES and len(np.unique(got_ids)) == TARGET_SAMPLES, "a sample trained twice or lost"
+    assert np.array_equal(np.sort(got_ids), np.sort(ref_ids))
+
+
+def _kill_at(proc: subprocess.Popen[bytes], ckpt_root: Path, rng: random.Random, during_write: bool) -> str:
+    """SIGKILL once training has made progress: either the moment a checkpoint's temp dir
+    exists (mid-write) or at a random delay after this process's first new checkpoint."""
+    known = set(ckpt_root.glob("ckpt-*")) if ckpt_root.exists() else set()
+    deadline = time.monotonic() + 120
+    delay_after_first = rng.uniform(0.0, 0.4)
+    first_seen: float | None = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ckpt_root.exists():
+            if during_write and any(ckpt_root.glob(".tmp-ckpt-*")):
+                proc.send_signal(signal.SIGKILL)
+                return "during checkpoint write"
+            if not during_write:
+                if first_seen is None and set(ckpt_root.glob("ckpt-*")) - known:
+                    first_seen = time.monotonic()
+                if first_seen is not None and time.monotonic() - first_seen >= delay_after_first:
+                    proc.send_signal(signal.SIGKILL)
+                    return f"{delay_after_first:.2f}s after a checkpoint"
+        time.sleep(0.001)
+    return "process ended before the kill"
+
+
+def test_sigkilled_daemon_trains_every_sample_exactly_once_and_matches_uninterrupted(
+    kafka_bootstrap: str, event_log: str, reference: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "crashed"
+    config = write_config(tmp_path / "crashed.yaml", kafka_bootstrap, event_log, run_dir)
+    rng = random.Random(1234)
+    kills = []
+    for i in range(KILLS):
+        proc = start_daemon(config, "--stop-after-samples", str(TARGET_SAMPLES), log_path=tmp_path / "crashed.log")
+        kills.append(_kill_at(proc, run_dir / "checkpoints", rng, during_write=(i % 2 == 0)))
+        proc.wait(timeout=30)
+    assert sum(k == "during checkpoint write" for k in kills) >= 1, kills
+    assert sum(k != "process ended before the kill" for k in kills) >= KILLS - 1, kills
+    _run_to_end(config, tmp_path / "crashed.log")
+    assert_same_as_reference(run_dir, reference, kills)
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_exits_0(
+    kafka_bootstrap: str, event_log: str, reference: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path / "c.yaml", kafka_bootstrap, event_log, run_dir)
+    proc = start_daemon(config, "--stop-after-samples", str(TARGET_SAMPLES), log_path=tmp_path / "log")
+    root = run_dir / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not list(root.glob("ckpt-*")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, (tmp_path / "log").read_text()[-3000:]
+    stopped = final_state(run_dir)
+    assert stopped.manifest.extra["reason"] == "shutdown"
+    assert 0 < stopped.components["trainer"]["samples"] < TARGET_SAMPLES
+    _run_to_end(config, tmp_path / "log")
+    assert_same_as_reference(run_dir, reference, "SIGTERM + resume")
+
+
+def test_broker_stall_loses_and_duplicates_nothing(
+    broker: object, kafka_bootstrap: str, event_log: str, reference: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path / "c.yaml", kafka_bootstrap, event_log, run_dir)
+    proc = start_daemon(config, "--stop-after-samples", str(TARGET_SAMPLES), log_path=tmp_path / "log")
+    root = run_dir / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not list(root.glob("ckpt-*")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    broker.pause()  # type: ignore[attr-defined]
+    try:
+        time.sleep(20)
+        assert proc.poll() is None, "the daemon must wait out a stalled broker, not exit"
+    finally:
+        broker.resume()  # type: ignore[attr-defined]
+    assert proc.wait(timeout=180) == 0, (tmp_path / "log").read_text()[-3000:]
+    assert_same_as_reference(run_dir, reference, "a 20 s broker SIGSTOP")
+
+
+def test_corrupted_latest_checkpoint_falls_back_to_the_previous(
+    kafka_bootstrap: str, event_log: str, reference: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path / "c.yaml", kafka_bootstrap, event_log, run_dir)
+    _run_to_end(config, tmp_path / "log", samples=TARGET_SAMPLES // 2)
+    root = run_dir / "checkpoints"
+    latest = root / (root / "LATEST").read_text().strip()
+    weights = next(latest.glob("trainer*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    _run_to_end(config, tmp_path / "log")
+    assert "skipped damaged checkpoint" in (tmp_path / "log").read_text()
+    assert_same_as_reference(run_dir, reference, "a corrupted latest checkpoint")
