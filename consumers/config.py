@@ -6,9 +6,24 @@ its main config; :class:`IngestConfig` bundles them for ``run_join`` and for tes
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+FEATURE_SCOPES = ("user", "item", "context")  # the event objects features are read from
+
+
+def check_feature_names(names: Sequence[str]) -> Any:
+    """Declared feature names are ``<scope>.<name>`` and unique; returns ``names``."""
+    for name in names:
+        scope, _, field = name.partition(".")
+        if scope not in FEATURE_SCOPES or not field:
+            raise ValueError(f"{name!r} must be '<scope>.<name>' with scope one of {', '.join(FEATURE_SCOPES)}")
+    if len(set(names)) != len(names):
+        raise ValueError("duplicate feature names")
+    return names
 
 
 class _Frozen(BaseModel):
@@ -76,13 +91,7 @@ class JoinerConfig(_Frozen):
     @field_validator("sparse_features", "dense_features")
     @classmethod
     def _scoped(cls, names: tuple[str, ...]) -> tuple[str, ...]:
-        for name in names:
-            scope, _, field = name.partition(".")
-            if scope not in ("user", "item", "context") or not field:
-                raise ValueError(f"{name!r} must be '<scope>.<name>' with scope one of user, item, context")
-        if len(set(names)) != len(names):
-            raise ValueError("duplicate feature names")
-        return names
+        return check_feature_names(names)
 
     @property
     def num_gap_buckets(self) -> int:

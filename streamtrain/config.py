@@ -26,7 +26,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from checkpoints.config import CheckpointConfig
-from consumers.config import DecoderConfig, IngestConfig, JoinerConfig, KafkaSourceConfig, PopularityConfig
+from consumers.config import (
+    DecoderConfig,
+    IngestConfig,
+    JoinerConfig,
+    KafkaSourceConfig,
+    PopularityConfig,
+    check_feature_names,
+)
 from monitors.config import MonitorsConfig
 from streamtrain.embedding import EmbeddingTableConfig
 from streamtrain.modules.config import ModelConfig
@@ -67,13 +74,7 @@ class FeaturesConfig(Section):
     @field_validator("sparse", "dense")
     @classmethod
     def _scoped(cls, names: list[str]) -> list[str]:
-        for name in names:
-            scope, _, field = name.partition(".")
-            if scope not in ("user", "item", "context") or not field:
-                raise ValueError(f"{name!r} must be '<scope>.<name>' with scope one of user, item, context")
-        if len(set(names)) != len(names):
-            raise ValueError("duplicate feature names")
-        return names
+        return check_feature_names(names)  # type: ignore[no-any-return]
 
 
 class TrainerConfig(Section):

@@ -75,3 +75,51 @@ def test_simulate_to_kafka_with_truth(kafka_bootstrap: str, unique_name: str, tm
     finally:
         consumer.close()
     assert seen == summary["events"]
+
+
+def test_checkpoints_commands_list_verify_inspect_rollback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+
+    from checkpoints import CheckpointStore
+
+    root = tmp_path / "ckpts"
+    with CheckpointStore(root) as store:
+        for step in (1, 2):
+            store.save(step, {"w": {"format_version": 1, "x": np.full(4, step, np.float32)}},
+                       offsets={"events": {0: step * 10}}, watermark=step, config_hash="h")
+
+    def run(*argv: str) -> tuple[int, dict]:
+        rc = main(["checkpoints", *argv, "--json"])
+        return rc, orjson.loads(capsys.readouterr().out.splitlines()[-1])
+
+    rc, listing = run("list", str(root))
+    assert rc == 0 and "ckpt-000000000002" in orjson.dumps(listing).decode()
+    rc, verdict = run("verify", str(root))
+    assert rc == 0 and verdict["ok"]
+    rc, inspected = run("inspect", str(root), "ckpt-000000000001")
+    assert rc == 0 and "events" in orjson.dumps(inspected).decode()
+    (root / "ckpt-000000000002" / "MANIFEST.json").write_text("{broken")
+    rc, verdict = run("verify", str(root), "ckpt-000000000002")
+    assert rc == 1 and not verdict["ok"]
+    rc, _ = run("rollback", str(root), "ckpt-000000000001")
+    assert rc == 0 and (root / "LATEST").read_text().strip() == "ckpt-000000000001"
+
+
+def test_publish_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from streamtrain.publisher import Publisher
+
+    pub = Publisher(tmp_path)
+    pub.publish({"w": b"1"}, {"checkpoint": "a"})
+    pub.publish({"w": b"2"}, {"checkpoint": "b"})
+    assert main(["publish", "list", "--root", str(tmp_path), "--json"]) == 0
+    listing = orjson.loads(capsys.readouterr().out.splitlines()[-1])
+    assert [(v["version"], v["current"]) for v in listing["versions"]] == [("v000001", False), ("v000002", True)]
+    assert main(["publish", "rollback", "v000001", "--root", str(tmp_path)]) == 0
+    assert pub.current().name == "v000001"
+    assert main(["publish", "rollback", "v000007", "--root", str(tmp_path)]) == 1
+    assert "no published version" in capsys.readouterr().err
+
+
+def test_gate_command_without_a_daemon_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["gate", "status", "--url", "http://127.0.0.1:9"]) == 1
+    assert "cannot reach the daemon's control endpoint" in capsys.readouterr().err

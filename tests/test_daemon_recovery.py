@@ -65,6 +65,12 @@ def assert_same_as_reference(run_dir: Path, reference_dir: Path, what: object) -
     assert np.array_equal(np.sort(got_ids), np.sort(ref_ids))
 
 
+def _wait_for_first_checkpoint(root: Path, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not list(root.glob("ckpt-*")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def _kill_at(proc: subprocess.Popen[bytes], ckpt_root: Path, rng: random.Random, during_write: bool) -> str:
     """SIGKILL once training has made progress: either the moment a checkpoint's temp dir
     exists (mid-write) or at a random delay after this process's first new checkpoint."""
@@ -110,10 +116,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_0(
     run_dir = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", kafka_bootstrap, event_log, run_dir)
     proc = start_daemon(config, "--stop-after-samples", str(TARGET_SAMPLES), log_path=tmp_path / "log")
-    root = run_dir / "checkpoints"
-    deadline = time.monotonic() + 120
-    while not list(root.glob("ckpt-*")) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    _wait_for_first_checkpoint(run_dir / "checkpoints")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0, (tmp_path / "log").read_text()[-3000:]
     stopped = final_state(run_dir)
@@ -129,10 +132,7 @@ def test_broker_stall_loses_and_duplicates_nothing(
     run_dir = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", kafka_bootstrap, event_log, run_dir)
     proc = start_daemon(config, "--stop-after-samples", str(TARGET_SAMPLES), log_path=tmp_path / "log")
-    root = run_dir / "checkpoints"
-    deadline = time.monotonic() + 120
-    while not list(root.glob("ckpt-*")) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    _wait_for_first_checkpoint(run_dir / "checkpoints")
     broker.pause()  # type: ignore[attr-defined]
     try:
         time.sleep(20)
