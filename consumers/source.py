@@ -89,6 +89,7 @@ class KafkaSource:
         self._positions: dict[int, int] = {}  # next offset per partition: delivered, or a seek target
         self._assigned: list[int] = []
         self._paused = False
+        self.stale_dropped = 0  # re-delivered messages below our positions (see _drop_stale)
         if config.resume_from_committed:
             self._start = OFFSET_INVALID  # librdkafka: committed offset, else auto.offset.reset
         else:
@@ -184,11 +185,31 @@ class KafkaSource:
                 self._client_trouble(m.error(), m.error())
         if failed:
             messages = [m for m in messages if m.error() is None]
+        messages = self._drop_stale(messages)
         batch.values = [m.value() for m in messages]
         batch.partitions = [m.partition() for m in messages]
         batch.offsets = [m.offset() for m in messages]
         self._positions.update({p: o + 1 for p, o in zip(batch.partitions, batch.offsets)})  # last one wins
         return batch
+
+    def _drop_stale(self, messages: list[Any]) -> list[Any]:
+        """Drop messages below a partition's next expected offset.
+
+        Hazard: a ``seek`` (a restore from a checkpoint) issued just after ``assign`` can
+        race librdkafka's first fetch, which then delivers messages from the old position.
+        Delivering them would train them twice; positions are the truth, so anything
+        before them is a stale re-delivery. Forward gaps are normal (compaction, markers).
+        """
+        expected = dict(self._positions)
+        kept = []
+        for m in messages:
+            partition, offset = m.partition(), m.offset()
+            if offset < expected.get(partition, -1):
+                self.stale_dropped += 1
+                continue
+            expected[partition] = offset + 1
+            kept.append(m)
+        return kept
 
     def _client_trouble(self, err: KafkaError | None, what: object) -> None:
         if isinstance(err, KafkaError) and err.fatal():
