@@ -283,10 +283,22 @@ class Daemon:
 
     def _train_one(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
         losses = self.trainer.step(batch, self._observe)
+        self._observe_latencies(batch)
         self._ledger.append(batch["sample_id"].copy())
         self.releases.after_step(self.trainer, self.monitors.gate, len(batch["sample_id"]), self._release_meta)
         self.trigger.record(len(batch["sample_id"]))
         return losses
+
+    def _observe_latencies(self, batch: dict[str, np.ndarray]) -> None:
+        """Freshness: wall now - exposure event time (meaningful where event time is wall
+        time, as in production; it includes the label-window wait by design). Join latency:
+        event time from the exposure to the watermark that released its sample."""
+        ts_s = batch["ts"].astype(np.float64) / 1000.0
+        now = time.time()
+        watermark_s = int(self.pipeline.joiner.watermark) / 1000.0
+        for exposure_s in ts_s:
+            self.metrics.freshness.observe(max(0.0, now - exposure_s))
+            self.metrics.join_latency.observe(max(0.0, watermark_s - exposure_s))
 
     def _release_meta(self) -> dict[str, Any]:
         return {"checkpoint": self.last_checkpoint, "monitors": self.monitors.status(),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,8 +92,11 @@ def version_files(trainer: Trainer) -> dict[str, bytes]:
 
 
 class ReleaseManager:
-    def __init__(self, config: PublishingConfig, publisher: Publisher, shadow_factory: Callable[[Trainer], Trainer]) -> None:
+    def __init__(self, config: PublishingConfig, publisher: Publisher, shadow_factory: Callable[[Trainer], Trainer],
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
+        self._clock = clock
+        self._last_release_wall = clock()
         self.publisher = publisher
         self._shadow_factory = shadow_factory  # builds a frozen copy of a trainer's model
         self._shadow: Trainer | None = None
@@ -126,8 +130,9 @@ class ReleaseManager:
         if gate.rollback_requested:
             self._rollback(trainer.samples)
             gate.ack_rollback()
-        if self.samples_since_release < self.config.every_samples or not gate.publish_allowed():
+        if not (self._due() and gate.publish_allowed()):
             return None
+        self._last_release_wall = self._clock()
         shadow = self._window.result()
         self._window = _ShadowWindow()
         self.samples_since_release = 0
@@ -140,6 +145,14 @@ class ReleaseManager:
         self._shadow = self._shadow_factory(trainer)
         log.info("published %s", version.name, extra={"version": version.name, "samples": trainer.samples})
         return version
+
+    def _due(self) -> bool:
+        """Every ``every_samples`` samples, or ``every_seconds`` of wall time (publication
+        timing never changes what is trained, so a wall-clock cadence is safe here)."""
+        if self.samples_since_release >= self.config.every_samples:
+            return True
+        seconds = self.config.every_seconds
+        return seconds is not None and self.samples_since_release > 0 and self._clock() - self._last_release_wall >= seconds
 
     def _rollback(self, samples_now: int) -> None:
         """Point CURRENT at the newest version released at least ``rollback_margin_samples``
