@@ -142,7 +142,8 @@ class ReleaseManager:
             return None
         version = self.publisher.publish(version_files(trainer), {**meta(), "samples": trainer.samples, "shadow": shadow})
         self.released += 1
-        self._shadow = self._shadow_factory(trainer)
+        if self.config.shadow_window > 0:  # the frozen copy of CURRENT costs a full model copy
+            self._shadow = self._shadow_factory(trainer)
         log.info("published %s", version.name, extra={"version": version.name, "samples": trainer.samples})
         return version
 

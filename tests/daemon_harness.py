@@ -10,7 +10,10 @@ from typing import Any
 
 import yaml
 
+import numpy as np
+
 from checkpoints import CheckpointStore
+from consumers.schema import hash_id
 from streamtrain.simulator import KafkaSink, SimulatorConfig, run_simulation
 
 # Small enough for CI's 2 cores, big enough that a checkpoint write takes a few ms.
@@ -19,7 +22,9 @@ SMALL_CONFIG: dict[str, Any] = {
     "trainer": {"batch_size": 64, "threads": 1, "poll_max_messages": 500},
     "model": {"embedding_dim": 16, "max_history_len": 16, "hstu": {"num_layers": 1, "qk_dim": 8, "v_dim": 8},
               "esmm": {"hidden": [32]}, "retrieval": {"dim": 16}},
-    "joiner": {"history_len": 16, "click_window_ms": 60_000, "convert_window_ms": 3_600_000},
+    # Windows short enough that clicked and converted samples reach the trainer within the
+    # test logs' few minutes of event time (a 1 h convert window would hold every click back).
+    "joiner": {"history_len": 16, "click_window_ms": 60_000, "convert_window_ms": 60_000},
     "checkpoints": {"every_samples": 512, "every_seconds": None, "fsync": False, "keep_last": 50},
     "monitors": {name: {"window": 2000} for name in ("label_ratio", "feature_drift", "auc")},
     "publishing": {"every_samples": 2048},
@@ -45,12 +50,16 @@ def write_config(path: Path, bootstrap: str, topic: str, run_dir: Path, **overri
 
 
 def produce_log(bootstrap: str, topic: str, **sim: Any) -> dict[str, Any]:
-    """Produce a fixed, seeded event log; returns the simulator's summary."""
+    """Produce a fixed, seeded event log (conversions within SMALL_CONFIG's windows);
+    returns the simulator's summary."""
     from streamtrain.services.topics import create_topics
 
     create_topics(bootstrap, [topic, f"{topic}.dlq"], partitions=2)
-    stats = run_simulation(SimulatorConfig(**sim), KafkaSink(bootstrap, topic))
-    return stats.summary()
+    sim = {"convert_delay_median_s": 20.0, "max_convert_delay_s": 50.0, **sim}
+    clicked: list[int] = []
+    stats = run_simulation(SimulatorConfig(**sim), KafkaSink(bootstrap, topic),
+                           truth_sink=lambda t: clicked.append(hash_id(t["event_id"])) if t["click"] else None)
+    return {**stats.summary(), "clicked_sample_ids": np.array(clicked, np.int64)}
 
 
 def daemon_command(config: Path, *args: str) -> list[str]:

@@ -29,10 +29,14 @@ KILLS = 5
 
 
 @pytest.fixture(scope="module")
-def event_log(kafka_bootstrap: str) -> str:
+def produced(kafka_bootstrap: str) -> dict:
     topic = f"recovery-{time.time_ns()}"
-    produce_log(kafka_bootstrap, topic, seed=11, exposures=7000, users=300, items=800)
-    return topic
+    return {**produce_log(kafka_bootstrap, topic, seed=11, exposures=7000, users=300, items=800), "topic": topic}
+
+
+@pytest.fixture(scope="module")
+def event_log(produced: dict) -> str:
+    return produced["topic"]
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +98,7 @@ def _kill_at(proc: subprocess.Popen[bytes], ckpt_root: Path, rng: random.Random,
 
 
 def test_sigkilled_daemon_trains_every_sample_exactly_once_and_matches_uninterrupted(
-    kafka_bootstrap: str, event_log: str, reference: Path, tmp_path: Path
+    kafka_bootstrap: str, event_log: str, produced: dict, reference: Path, tmp_path: Path
 ) -> None:
     run_dir = tmp_path / "crashed"
     config = write_config(tmp_path / "crashed.yaml", kafka_bootstrap, event_log, run_dir)
@@ -108,6 +112,9 @@ def test_sigkilled_daemon_trains_every_sample_exactly_once_and_matches_uninterru
     assert sum(k != "process ended before the kill" for k in kills) >= KILLS - 1, kills
     _run_to_end(config, tmp_path / "crashed.log")
     assert_same_as_reference(run_dir, reference, kills)
+    trained = ledger_chain(run_dir / "checkpoints").sample_ids()
+    clicked = np.isin(trained, produced["clicked_sample_ids"]).sum()
+    assert clicked > 100, f"only {clicked} clicked samples trained: the proof must cover positives too"
 
 
 def test_sigterm_finishes_the_step_checkpoints_and_exits_0(
