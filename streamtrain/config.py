@@ -54,7 +54,6 @@ class KafkaConfig(KafkaSourceConfig):
     mode: Literal["subscribe", "assign"] = "assign"  # one trainer reads every partition: no rebalances, exact replays
     dlq_topic: str = "events.dlq"  # DESIGN.md §1 topic names
     samples_topic: str = "samples"  # Arrow IPC output of `streamtrain join`
-    truth_topic: str = "events.truth"  # simulator ground truth (oracle AUC)
     partitions: int = Field(4, ge=1)  # used only when streamtrain creates the topics itself
 
 

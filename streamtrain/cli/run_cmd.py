@@ -27,11 +27,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from streamtrain.daemon import Daemon  # heavy imports (torch) only when running
+    from streamtrain.live import StatusView
 
     config = config_from_args(args)
     daemon = Daemon(config, stop=stop_event_on_signals(), resume_from=args.resume_from,
                     warm_start=args.warm_start, stop_after_samples=args.stop_after_samples)
-    summary = daemon.run()
+    view = StatusView(daemon.status).start()  # rich line on a terminal, JSON status logs otherwise
+    try:
+        summary = daemon.run()
+    finally:
+        view.stop()
     if args.json:
         print_json(dataclasses.asdict(summary))
     return 0
