@@ -36,17 +36,14 @@ class SampleBuffer:
             self._chunks.append(batch)
             self._size += n
 
-    def pop_batch(self, allow_partial: bool = False) -> SampleBatch | None:
-        """The next batch of exactly ``batch_size`` samples (or fewer with ``allow_partial``,
-        used only when draining at a deterministic stop point); ``None`` if not enough."""
-        if self._size == 0 or (self._size < self.batch_size and not allow_partial):
+    def pop_batch(self) -> SampleBatch | None:
+        """The next batch of exactly ``batch_size`` samples; ``None`` if not enough yet."""
+        if self._size < self.batch_size:
             return None
         merged = concat_batches(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
-        take = min(self.batch_size, self._size)
-        batch = slice_batch(merged, 0, take)
-        rest = slice_batch(merged, take, self._size)
-        self._chunks = [rest] if take < self._size else []
-        self._size -= take
+        batch = slice_batch(merged, 0, self.batch_size)
+        self._size -= self.batch_size
+        self._chunks = [slice_batch(merged, self.batch_size, self.batch_size + self._size)] if self._size else []
         return batch
 
     def state_dict(self) -> dict[str, Any]:

@@ -138,7 +138,7 @@ class StreamtrainConfig(Section):
     model: ModelConfig = ModelConfig()
     embeddings: EmbeddingsConfig = EmbeddingsConfig()
     trainer: TrainerConfig = TrainerConfig()
-    checkpoints: CheckpointConfig = CheckpointConfig(root=Path("runs/default/checkpoints"))
+    checkpoints: CheckpointConfig = CheckpointConfig()  # root defaults to <run_dir>/checkpoints
     monitors: MonitorsConfig = MonitorsConfig()
     publishing: PublishingConfig = PublishingConfig()
     metrics: MetricsConfig = MetricsConfig()
@@ -174,11 +174,11 @@ class StreamtrainConfig(Section):
                 table = tables.get(name)
                 table = dict(table) if isinstance(table, Mapping) else {} if table is None else table
                 if isinstance(table, dict):
-                    table.setdefault("name", name)
+                    # The field's default (e.g. a small sparse table) under the user's values.
+                    default = EmbeddingsConfig.model_fields[name].default
+                    table = {**default.model_dump(include=default.model_fields_set), **table}
                     if dim is not None:
                         table.setdefault("dim", dim)
-                    if name == "sparse":
-                        table.setdefault("initial_rows", 1024)
                 tables[name] = table
         return data
 

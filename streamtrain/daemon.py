@@ -61,8 +61,6 @@ from streamtrain.trainer import Predictions, Trainer, pick_device
 
 log = logging.getLogger("streamtrain.daemon")
 
-FORMAT_VERSION = 1
-
 
 @dataclass
 class RunSummary:
@@ -271,7 +269,7 @@ class Daemon:
         }
         with self._status_lock:
             self._status = status
-        self.metrics.publish(metric_points(self, status))
+        self.metrics.publish(metric_points(self, status, current))
 
     # ------------------------------------------------------------------ the loop
     def _observe(self, batch: dict[str, np.ndarray], predictions: Predictions) -> None:

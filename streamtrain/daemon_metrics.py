@@ -14,6 +14,7 @@ from streamtrain.metrics import Point
 
 if TYPE_CHECKING:
     from streamtrain.daemon import Daemon
+    from streamtrain.publisher import PublishedVersion
 
 _PIPELINE_COUNTERS = {
     "messages": ("streamtrain_events_consumed", "Messages consumed from the events topic."),
@@ -30,11 +31,12 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and value == value and abs(value) != float("inf")
 
 
-def metric_points(daemon: Daemon, status: dict[str, Any]) -> list[Point]:
-    return list(_points(daemon, status))
+def metric_points(daemon: Daemon, status: dict[str, Any], current: PublishedVersion | None) -> list[Point]:
+    """``current``: the CURRENT version the caller just read for ``status`` (read once per turn)."""
+    return list(_points(daemon, status, current))
 
 
-def _points(daemon: Daemon, status: dict[str, Any]) -> Iterator[Point]:
+def _points(daemon: Daemon, status: dict[str, Any], current: PublishedVersion | None) -> Iterator[Point]:
     counters = status["counters"]
     topic = daemon.config.kafka.topic
     for key, (name, help_text) in _PIPELINE_COUNTERS.items():
@@ -71,7 +73,6 @@ def _points(daemon: Daemon, status: dict[str, Any]) -> Iterator[Point]:
     if daemon._last_checkpoint_wall is not None:  # noqa: SLF001 - daemon-owned
         yield Point("streamtrain_checkpoint_age_seconds", "gauge", "Seconds since the last checkpoint.",
                     time.time() - daemon._last_checkpoint_wall)  # noqa: SLF001
-    current = daemon.publisher.current()
     if current is not None:
         yield Point("streamtrain_published_version", "gauge", "Number of the CURRENT published version.", current.number)
         yield Point("streamtrain_published_age_seconds", "gauge", "Seconds since CURRENT was published.",

@@ -15,7 +15,6 @@ version. This module only writes files; *whether* to publish is the gate's decis
 
 from __future__ import annotations
 
-import hashlib
 import re
 import shutil
 import time
@@ -27,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from checkpoints.fsio import FileSystem
+from checkpoints.fsio import FileSystem, hash_file
 
 FORMAT_VERSION = 1
 _VERSION_RE = re.compile(r"^v(\d{6})$")
@@ -56,21 +55,22 @@ class Publisher:
         for leftover in self.root.glob(".tmp-v*"):  # a crash mid-publish leaves these
             shutil.rmtree(leftover, ignore_errors=True)
 
+    def version(self, name: str) -> PublishedVersion | None:
+        """One complete version by name (``None`` if absent or without a manifest)."""
+        match = _VERSION_RE.match(name)
+        manifest_path = self.root / name / "MANIFEST.json"
+        if match is None or not manifest_path.is_file():
+            return None
+        return PublishedVersion(name, int(match.group(1)), self.root / name, orjson.loads(manifest_path.read_bytes()))
+
     def versions(self) -> list[PublishedVersion]:
-        found = []
-        for path in sorted(self.root.iterdir()):
-            match = _VERSION_RE.match(path.name)
-            if match and (path / "MANIFEST.json").is_file():
-                manifest = orjson.loads((path / "MANIFEST.json").read_bytes())
-                found.append(PublishedVersion(path.name, int(match.group(1)), path, manifest))
-        return found
+        found = (self.version(path.name) for path in sorted(self.root.iterdir()))
+        return [v for v in found if v is not None]
 
     def current(self) -> PublishedVersion | None:
+        """Reads the pointer and that one manifest: the daemon asks on every loop turn."""
         pointer = self.root / "CURRENT"
-        if not pointer.is_file():
-            return None
-        name = pointer.read_text().strip()
-        return next((v for v in self.versions() if v.name == name), None)
+        return self.version(pointer.read_text().strip()) if pointer.is_file() else None
 
     def publish(self, files: Mapping[str, bytes], meta: Mapping[str, Any]) -> PublishedVersion:
         """Write a new version from ``{file name: bytes}`` and make it CURRENT."""
@@ -100,7 +100,7 @@ class Publisher:
 
     def rollback(self, name: str) -> PublishedVersion:
         """Point CURRENT at an existing, intact version."""
-        version = next((v for v in self.versions() if v.name == name), None)
+        version = self.version(name)
         if version is None:
             raise PublishError(f"no published version {name!r} under {self.root} (have: {[v.name for v in self.versions()]})")
         problems = verify_version(version)
@@ -120,12 +120,11 @@ def verify_version(version: PublishedVersion) -> list[str]:
     """sha256 and size of every file listed in the manifest; empty list = intact."""
     problems = []
     for entry in version.manifest.get("files", []):
-        path = version.path / entry["path"]
         try:
-            data = path.read_bytes()
+            on_disk = hash_file(version.path / entry["path"])
         except OSError as exc:
             problems.append(f"{entry['path']}: {exc.strerror}")
             continue
-        if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        if on_disk.bytes != entry["bytes"] or on_disk.sha256 != entry["sha256"]:
             problems.append(f"{entry['path']}: checksum mismatch")
     return problems

@@ -30,6 +30,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from consumers.schema import SampleBatch
 from monitors.gate import Gate
+from monitors.stats import log_loss
 from streamtrain.config import PublishingConfig
 from streamtrain.embedding.delta import to_arrow
 from streamtrain.publisher import PublishedVersion, Publisher
@@ -37,14 +38,6 @@ from streamtrain.retrieval_index import RetrievalIndex
 from streamtrain.trainer import Predictions, Trainer
 
 log = logging.getLogger(__name__)
-
-_EPS = 1e-7
-
-
-def log_loss(p: np.ndarray, y: np.ndarray) -> float:
-    p = np.clip(p.astype(np.float64), _EPS, 1 - _EPS)
-    return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
-
 
 @dataclass
 class _ShadowWindow:

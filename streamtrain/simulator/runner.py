@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Protocol
 
@@ -29,7 +29,6 @@ class SimulationStats:
     clicks: int = 0
     converts: int = 0
     wall_s: float = 0.0
-    truth: list[dict] = field(default_factory=list, repr=False)
 
     def summary(self) -> dict[str, float]:
         return {
