@@ -159,14 +159,28 @@ class Gate:
         """Re-issue a restored freeze to the sinks, as a FROZEN -> FROZEN transition.
 
         Call once after :meth:`load_state_dict` when the sinks are up: what lives outside
-        the checkpoint (Alertmanager's firing alerts, the frozen gauge) then matches the
-        restored state. None (nothing sent) when the gate is OPEN."""
+        the checkpoint (Alertmanager's firing alerts) then matches the restored state. The
+        announcement is not a change of the gate: it is sent, not recorded (``seq`` and
+        ``last_transition`` stay as restored), so a restart leaves the gate's state exactly
+        as the uninterrupted run has it. None (nothing sent) when the gate is OPEN."""
         with self._lock:
             if self._state is GateState.OPEN:
                 return None
             previous = "" if self.last_transition is None else f": {self.last_transition.reason}"
-            involved = tuple(sorted(self._involved))
-            return self._move(GateState.FROZEN, f"restored frozen{previous}", involved, manual=self._manual)
+            announcement = Transition(
+                seq=self._seq,
+                from_state=GateState.FROZEN,
+                to_state=GateState.FROZEN,
+                reason=f"restored frozen{previous}",
+                sample_count=self._samples,
+                monitors=tuple(sorted(self._involved)),
+                manual=self._manual,
+                action=self.config.on_freeze,
+                wall_time=self._clock(),
+            )
+            if self._on_transition is not None:
+                self._on_transition(announcement)
+            return announcement
 
     def _move(self, to: GateState, reason: str, monitors: tuple[str, ...], manual: bool) -> Transition:
         self._seq += 1
