@@ -8,10 +8,10 @@ imports nothing from ``streamtrain``, ``consumers`` or ``checkpoints``.
 * Monitors: :class:`LabelRatioMonitor`, :class:`FeatureDriftMonitor`, :class:`AucMonitor`,
   each producing one :class:`Verdict` per window of samples.
 * :class:`Gate` (OPEN / FROZEN) and its :class:`Transition` records.
-* Sinks (:mod:`monitors.alerts`): :class:`LogSink`, :class:`WebhookSink`, :class:`MetricsSink`.
+* Sinks (:mod:`monitors.alerts`): :class:`LogSink`, :class:`WebhookSink`.
 """
 
-from .alerts import LogSink, MetricsSink, Sink, SinkGroup, WebhookSink, build_sinks
+from .alerts import LogSink, Sink, SinkGroup, WebhookSink, build_sinks
 from .auc import AucMonitor
 from .base import IncompatibleStateError, WindowedMonitor
 from .batch import ScoredBatch
@@ -43,7 +43,6 @@ __all__ = [
     "LabelRatioMonitor",
     "LabelRatioMonitorConfig",
     "LogSink",
-    "MetricsSink",
     "MonitorSuite",
     "MonitorsConfig",
     "ScoredBatch",

@@ -1,5 +1,5 @@
 """Alert sinks: webhook delivery against a real local HTTP server, Alertmanager payloads,
-metrics hook, log records, and fault isolation."""
+log records, and fault isolation."""
 
 from __future__ import annotations
 
@@ -13,11 +13,9 @@ from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import prometheus_client
 import pytest
-from prometheus_client import CollectorRegistry
 
-from monitors import AlertConfig, GateState, LogSink, MetricsSink, SinkGroup, Transition, Verdict, WebhookSink
+from monitors import AlertConfig, GateState, LogSink, SinkGroup, Transition, Verdict, WebhookSink
 from monitors.alerts import ALERT_NAME, build_sinks
 
 
@@ -173,31 +171,6 @@ def a_verdict(ok: bool = True, alarm: bool = False) -> Verdict:
     return Verdict("auc", 3, 20_000, True, ok, alarm, False, {"auc/ctr": 0.74, "logloss/ctr": 0.3}, "" if ok else "bad")
 
 
-def test_metrics_sink_sets_gauges_in_the_given_registry_only() -> None:
-    registry = CollectorRegistry()
-    sink = MetricsSink(registry)
-    sink.on_verdict(a_verdict(ok=False, alarm=True))
-    sink.on_transition(transition(GateState.FROZEN))
-    value = registry.get_sample_value
-    assert value("streamtrain_monitor_value", {"monitor": "auc", "metric": "auc", "subject": "ctr"}) == 0.74
-    assert value("streamtrain_monitor_alarm", {"monitor": "auc"}) == 1.0
-    assert value("streamtrain_monitor_window_ok", {"monitor": "auc"}) == 0.0
-    assert value("streamtrain_gate_frozen") == 1.0 and value("streamtrain_gate_transition_samples") == 40_000
-    assert prometheus_client.REGISTRY.get_sample_value("streamtrain_gate_frozen") is None
-    MetricsSink(CollectorRegistry())  # a second daemon/test gets its own series, no duplicate error
-
-
-def test_metrics_sink_callback_and_constructor_contract() -> None:
-    calls: list[tuple[str, dict[str, str], float]] = []
-    sink = MetricsSink(callback=lambda name, labels, value: calls.append((name, dict(labels), value)))
-    sink.on_transition(transition(GateState.OPEN))
-    assert ("streamtrain_gate_frozen", {}, 0.0) in calls
-    with pytest.raises(ValueError):
-        MetricsSink()
-    with pytest.raises(ValueError):
-        MetricsSink(CollectorRegistry(), callback=lambda *a: None)
-
-
 def test_log_sink_logs_transitions_and_bad_windows_with_structured_extra(caplog: pytest.LogCaptureFixture) -> None:
     sink = LogSink()
     with caplog.at_level(logging.DEBUG, logger="monitors.gate"):
@@ -222,19 +195,33 @@ class _Broken:
         raise RuntimeError("boom")
 
 
+class _Recorder:
+    def __init__(self, calls: list[str]) -> None:
+        self.calls = calls
+
+    def on_verdict(self, verdict: Verdict) -> None:
+        self.calls.append("verdict")
+
+    def on_transition(self, transition: Transition) -> None:
+        self.calls.append("transition")
+
+    def close(self, timeout: float) -> bool:
+        return True
+
+
 def test_sink_group_isolates_a_failing_sink(caplog: pytest.LogCaptureFixture) -> None:
     calls: list[str] = []
-    metrics = MetricsSink(callback=lambda name, labels, value: calls.append(name))
-    group = SinkGroup([_Broken(), metrics])
+    recorder = _Recorder(calls)
+    group = SinkGroup([_Broken(), recorder])
     group.on_transition(transition(GateState.FROZEN))
     group.on_verdict(a_verdict())
-    assert "streamtrain_gate_frozen" in calls and "streamtrain_monitor_alarm" in calls
+    assert calls == ["transition", "verdict"]
     assert group.close(1.0) is False
     assert caplog.text.count("alert sink _Broken failed") == 3
 
 
 def test_build_sinks_follows_the_config(hook: _Server) -> None:
     assert build_sinks(AlertConfig()) == []
-    sinks = build_sinks(AlertConfig(webhook_urls=(hook.url,)), registry=CollectorRegistry())
-    assert [type(s) for s in sinks] == [WebhookSink, MetricsSink]
+    sinks = build_sinks(AlertConfig(webhook_urls=(hook.url,)))
+    assert [type(s) for s in sinks] == [WebhookSink]
     assert SinkGroup(sinks).close(5.0)
