@@ -37,8 +37,7 @@ def make_producer(config: IngestConfig) -> Producer:
     })
 
 
-def build_pipeline(config: IngestConfig, producer: Producer, batch_size: int | None = None,
-                   source: MessageSource | None = None,
+def build_pipeline(config: IngestConfig, producer: Producer, source: MessageSource | None = None,
                    wall_clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> IngestPipeline:
     """Source (default: a :class:`KafkaSource` from ``config.source``) -> decoder ->
     joiner -> DLQ topic. ``wall_clock_ms`` is read only when
@@ -48,7 +47,7 @@ def build_pipeline(config: IngestConfig, producer: Producer, batch_size: int | N
     joiner = LabelJoiner(config.joiner, make_popularity(config.popularity))
     dlq = KafkaDlqSink(producer, config.dlq_topic, config.source.topic,
                        stall_log_interval_s=config.source.stall_log_interval_s)
-    return IngestPipeline(source or KafkaSource(config.source), decoder, joiner, dlq, batch_size=batch_size)
+    return IngestPipeline(source or KafkaSource(config.source), decoder, joiner, dlq)
 
 
 @dataclass

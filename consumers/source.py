@@ -65,6 +65,12 @@ class MessageSource(Protocol):
 
     def seek(self, offsets: Mapping[str, Mapping[int, int]]) -> None: ...
 
+    def commit(self, offsets: Mapping[str, Mapping[int, int]]) -> bool:
+        """Record offsets for lag tools (never read back over a known position); False if refused."""
+
+    def lag(self) -> dict[int, int]:
+        """Messages between each assigned partition's position and its end (>= 0)."""
+
     def pause(self) -> None: ...
 
     def resume(self) -> None: ...
@@ -260,16 +266,20 @@ class KafkaSource:
         return True
 
     def lag(self) -> dict[int, int]:
-        """Messages behind the high watermark per assigned partition, clamped at 0 (some
-        brokers report a high watermark below the real end)."""
+        """Messages between each assigned partition's position and its high watermark,
+        clamped at 0. The watermark is the one of the last fetch response (librdkafka's
+        cached value: no broker round trip per call). A partition with no position yet
+        starts at its low watermark (``earliest``) or at its end (``latest``)."""
         out: dict[int, int] = {}
         for p in self._assigned:
             try:
-                _, high = self._consumer.get_watermark_offsets(TopicPartition(self.topic, p), cached=True)
+                low, high = self._consumer.get_watermark_offsets(TopicPartition(self.topic, p), cached=True)
             except KafkaException:
                 continue
-            if high >= 0 and p in self._positions:
-                out[p] = max(0, high - self._positions[p])
+            if high < 0:  # nothing fetched from this partition yet: unknown, not zero
+                continue
+            position = self._positions.get(p, max(low, 0) if self._start != OFFSET_END else high)
+            out[p] = max(0, high - position)
         return out
 
     # ------------------------------------------------------------ flow control

@@ -13,9 +13,11 @@ from typing import Any
 import numpy as np
 import orjson
 
+from consumers.batching import SampleBuffer
 from consumers.config import JoinerConfig
+from consumers.pipeline import IngestPipeline
 from consumers.reasons import Rejection
-from consumers.schema import hash_id
+from consumers.schema import SampleBatch, hash_id
 from consumers.source import MessageBatch, Offsets, PartitionListener
 
 
@@ -36,6 +38,7 @@ class ListSource:
         self._turn = 0
         self._paused = False
         self._listener: PartitionListener | None = None
+        self.committed: dict[int, int] = {}  # what commit() was last given
 
     def set_listener(self, listener: PartitionListener) -> None:
         self._listener = listener
@@ -71,6 +74,13 @@ class ListSource:
         for p, o in offsets.get(self.topic, {}).items():
             self._next[int(p)] = int(o)
 
+    def commit(self, offsets: Mapping[str, Mapping[int, int]]) -> bool:
+        self.committed = {p: int(o) for p, o in offsets.get(self.topic, {}).items()}
+        return True
+
+    def lag(self) -> dict[int, int]:
+        return {p: len(log) - self._next[p] for p, log in self._logs.items()}
+
     def pause(self) -> None:
         self._paused = True
 
@@ -79,6 +89,44 @@ class ListSource:
 
     def close(self) -> None:
         self._paused = True
+
+
+class BatchedPipeline:
+    """A pipeline cut into fixed-size batches the way the daemon does it (pipeline ->
+    :class:`~consumers.batching.SampleBuffer`), with one state for both plus the positions:
+    what a checkpoint holds, for tests and benchmarks that replay without a daemon."""
+
+    def __init__(self, pipeline: IngestPipeline, batch_size: int) -> None:
+        self.pipeline = pipeline
+        self.buffer = SampleBuffer(batch_size)
+
+    def poll(self, max_messages: int = 2000, timeout: float = 0.5) -> list[SampleBatch]:
+        for samples in self.pipeline.poll(max_messages, timeout):
+            self.buffer.extend(samples)
+        return self._full()
+
+    def flush(self) -> list[SampleBatch]:
+        """End of input: every remaining sample, the last batch possibly partial."""
+        for samples in self.pipeline.flush():
+            self.buffer.extend(samples)
+        full = self._full()
+        rest = self.buffer.drain()
+        return full + ([rest] if rest is not None else [])
+
+    def _full(self) -> list[SampleBatch]:
+        out = []
+        while (batch := self.buffer.pop_batch()) is not None:
+            out.append(batch)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        positions = {t: {str(p): o for p, o in parts.items()} for t, parts in self.pipeline.positions().items()}
+        return {"pipeline": self.pipeline.state_dict(), "buffer": self.buffer.state_dict(), "positions": positions}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.pipeline.load_state_dict(state["pipeline"])
+        self.buffer.load_state_dict(state["buffer"])
+        self.pipeline.seek({t: {int(p): int(o) for p, o in parts.items()} for t, parts in state["positions"].items()})
 
 
 class ListDlqSink:

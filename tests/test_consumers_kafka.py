@@ -18,13 +18,12 @@ from hypothesis import strategies as st
 from consumers.arrow_io import ipc_to_batch
 from consumers.config import DecoderConfig, IngestConfig, JoinerConfig, KafkaSourceConfig
 from consumers.decode import EventDecoder
-from consumers.pipeline import IngestPipeline
 from consumers.reasons import Reason
 from consumers.runtime import build_pipeline, make_producer, run_join
 from consumers.schema import SampleBatch, concat_batches, hash_id
 from consumers.source import KafkaSource
 from consumers.state import flatten_state, states_equal, unflatten_state
-from consumers.testing import StreamSpec, reference_labels, synthetic_events
+from consumers.testing import BatchedPipeline, StreamSpec, reference_labels, synthetic_events
 
 pytestmark = pytest.mark.integration
 
@@ -162,18 +161,18 @@ def test_broker_stall_is_survived(broker: Any, unique_name: str) -> None:
 
 
 # ------------------------------------------------------------------ pipeline end to end
-def kafka_pipeline(bootstrap: str, topic: str, batch_size: int | None = None) -> IngestPipeline:
+def kafka_pipeline(bootstrap: str, topic: str, batch_size: int) -> BatchedPipeline:
     config = IngestConfig(source=source_config(bootstrap, topic), joiner=JOINER, dlq_topic=f"{topic}.dlq")
-    return build_pipeline(config, make_producer(config), batch_size=batch_size)
+    return BatchedPipeline(build_pipeline(config, make_producer(config)), batch_size)
 
 
-def run_until_consumed(pipeline: IngestPipeline, total: int, timeout_s: float = 60.0) -> list[SampleBatch]:
+def run_until_consumed(batched: BatchedPipeline, total: int, timeout_s: float = 60.0) -> list[SampleBatch]:
     batches: list[SampleBatch] = []
     deadline = time.monotonic() + timeout_s
-    while pipeline.stats["messages"] < total and time.monotonic() < deadline:
-        batches += pipeline.poll(2000, 0.2)
-    assert pipeline.stats["messages"] == total
-    return batches + pipeline.flush()
+    while batched.pipeline.stats["messages"] < total and time.monotonic() < deadline:
+        batches += batched.poll(2000, 0.2)
+    assert batched.pipeline.stats["messages"] == total
+    return batches + batched.flush()
 
 
 def test_labels_end_to_end_from_kafka(broker: Any, unique_name: str) -> None:
@@ -181,9 +180,10 @@ def test_labels_end_to_end_from_kafka(broker: Any, unique_name: str) -> None:
     events = synthetic_events(StreamSpec(exposures=1500, users=60, items=300, request_gap_ms=200, click_rate=0.2,
                                          convert_rate=0.3, click_delay_ms=(0, 25_000), seed=11))
     total = produce(broker.bootstrap_servers, unique_name, keyed(events))
-    pipeline = kafka_pipeline(broker.bootstrap_servers, unique_name, batch_size=100)
+    batched = kafka_pipeline(broker.bootstrap_servers, unique_name, batch_size=100)
+    pipeline = batched.pipeline
     try:
-        samples = concat_batches(run_until_consumed(pipeline, total))
+        samples = concat_batches(run_until_consumed(batched, total))
     finally:
         assert pipeline.close() == 0
     got = {sid: (int(c), int(v)) for sid, c, v in zip(samples["sample_id"].tolist(), samples["click"], samples["convert"])}
@@ -209,23 +209,23 @@ def test_restart_from_state_and_positions_reproduces_the_batches(broker: Any, un
     try:
         reference = run_until_consumed(uninterrupted, total)
     finally:
-        uninterrupted.close()
+        uninterrupted.pipeline.close()
 
     first = kafka_pipeline(broker.bootstrap_servers, unique_name, batch_size=50)
     before: list[SampleBatch] = []
     try:
-        while first.stats["messages"] < total // 2:
+        while first.pipeline.stats["messages"] < total // 2:
             before += first.poll(300, 0.2)
         doc, arrays = flatten_state(first.state_dict())
         first.poll(300, 0.2)  # consumed after the checkpoint: lost in the crash, re-read after it
     finally:
-        first.close()
+        first.pipeline.close()
     second = kafka_pipeline(broker.bootstrap_servers, unique_name, batch_size=50)
     try:
         second.load_state_dict(unflatten_state(orjson.loads(orjson.dumps(doc)), arrays))
         after = run_until_consumed(second, total)
     finally:
-        second.close()
+        second.pipeline.close()
     resumed = before + after
     assert len(resumed) == len(reference)
     assert all(states_equal(a, b) for a, b in zip(resumed, reference))
@@ -277,9 +277,10 @@ def test_malformed_flood_lands_in_the_dlq_while_valid_events_make_samples(broker
             mixed.append(good.pop(0))
     mixed += good
     total = produce(broker.bootstrap_servers, unique_name, mixed)
-    pipeline = kafka_pipeline(broker.bootstrap_servers, unique_name)
+    batched = kafka_pipeline(broker.bootstrap_servers, unique_name, batch_size=256)
+    pipeline = batched.pipeline
     try:
-        samples = concat_batches(run_until_consumed(pipeline, total))
+        samples = concat_batches(run_until_consumed(batched, total))
     finally:
         assert pipeline.close() == 0
     assert sorted(samples["sample_id"].tolist()) == sorted(hash_id(e["event_id"]) for e in events if e["type"] == "exposure")

@@ -19,7 +19,7 @@ from consumers.popularity import InProcessPopularity
 from consumers.produce import BlockingProducer
 from consumers.schema import SampleBatch, concat_batches, empty_batch, hash_id, validate_batch
 from consumers.state import flatten_state, states_equal, unflatten_state
-from consumers.testing import ListDlqSink, ListSource, StreamSpec, encode_partitioned, synthetic_events
+from consumers.testing import BatchedPipeline, ListDlqSink, ListSource, StreamSpec, encode_partitioned, synthetic_events
 
 CFG = JoinerConfig(click_window_ms=20_000, convert_window_ms=60_000, allowed_lateness_ms=1_000,
                    stats_refresh_ms=30_000, history_len=6, num_random_negatives=2)
@@ -32,17 +32,22 @@ def stream(seed: int = 0, exposures: int = 1200) -> dict[int, list[bytes]]:
     return encode_partitioned(events, PARTITIONS)
 
 
-def pipeline(logs: dict[int, list[bytes]], batch_size: int | None = 64, interleave_seed: int | None = None,
-             cfg: JoinerConfig = CFG) -> IngestPipeline:
+def bare_pipeline(logs: dict[int, list[bytes]], interleave_seed: int | None = None,
+                  cfg: JoinerConfig = CFG) -> IngestPipeline:
     source = ListSource(logs, interleave_seed=interleave_seed)
     decoder = EventDecoder(DecoderConfig(), cfg.sparse_features, cfg.dense_features)
     joiner = LabelJoiner(cfg, InProcessPopularity(PopularityConfig()))
-    return IngestPipeline(source, decoder, joiner, ListDlqSink(), batch_size=batch_size)
+    return IngestPipeline(source, decoder, joiner, ListDlqSink())
 
 
-def drain(p: IngestPipeline, poll_size: int, flush: bool = True) -> list[SampleBatch]:
+def pipeline(logs: dict[int, list[bytes]], interleave_seed: int | None = None, cfg: JoinerConfig = CFG) -> BatchedPipeline:
+    """Batches of 64, cut as the daemon cuts them."""
+    return BatchedPipeline(bare_pipeline(logs, interleave_seed, cfg), 64)
+
+
+def drain(p: BatchedPipeline, poll_size: int, flush: bool = True) -> list[SampleBatch]:
     out: list[SampleBatch] = []
-    source: Any = p.source
+    source: Any = p.pipeline.source
     while source.remaining():
         out += p.poll(poll_size)
     return out + (p.flush() if flush else [])
@@ -86,15 +91,15 @@ def test_restore_from_state_reproduces_the_uninterrupted_batches(crash_after_pol
 
     second = pipeline(logs, interleave_seed=9)  # a restart sees another interleaving
     second.load_state_dict(state)
-    assert second.positions() == {"events": {int(p): o for p, o in state["positions"]["events"].items()}}
+    assert second.pipeline.positions() == {"events": {int(p): o for p, o in state["positions"]["events"].items()}}
     assert_same_batches(before + drain(second, poll_size=77), reference)
-    assert second.counters == pipeline_counters_of(logs)
+    assert second.pipeline.counters == pipeline_counters_of(logs)
 
 
 def pipeline_counters_of(logs: dict[int, list[bytes]]) -> dict[str, int]:
     p = pipeline(logs)
     drain(p, poll_size=1000)
-    return p.counters
+    return p.pipeline.counters
 
 
 def test_bad_messages_reach_the_dlq_and_the_counters() -> None:
@@ -102,10 +107,10 @@ def test_bad_messages_reach_the_dlq_and_the_counters() -> None:
     logs[0][5:5] = [b"garbage", orjson.dumps({"event_id": "x"}), None]
     p = pipeline(logs)
     batches = drain(p, poll_size=100)
-    sink: Any = p.dlq
+    sink: Any = p.pipeline.dlq
     reasons = sorted(r.reason.value for r in sink.rejections if r.partition == 0 and r.offset in (5, 6, 7))
     assert reasons == ["empty", "missing_field", "not_json"]
-    counters = p.counters
+    counters = p.pipeline.counters
     assert counters["dlq.not_json"] == 1 and counters["dlq.missing_field"] == 1 and counters["dlq.empty"] == 1
     assert sum(v for k, v in counters.items() if k.startswith("dlq.")) == len(sink.rejections)
     assert counters["samples_emitted"] == sum(len(b["sample_id"]) for b in batches) == 200
@@ -113,7 +118,7 @@ def test_bad_messages_reach_the_dlq_and_the_counters() -> None:
 
 
 def test_pause_stops_consumption_until_resumed() -> None:
-    p = pipeline(stream(seed=3, exposures=100), batch_size=None)
+    p = bare_pipeline(stream(seed=3, exposures=100))
     p.pause()
     assert p.poll(100) == [] and p.positions() == {"events": dict.fromkeys(range(PARTITIONS), 0)}
     p.resume()
@@ -127,11 +132,15 @@ def test_decoder_and_joiner_must_declare_the_same_features() -> None:
         IngestPipeline(ListSource({0: []}), decoder, LabelJoiner(CFG, InProcessPopularity(PopularityConfig())), ListDlqSink())
 
 
-def test_load_rejects_a_state_from_another_batch_size() -> None:
+def test_state_holds_no_positions_and_a_restore_seeks_to_the_saved_ones() -> None:
+    """Offsets have one home (the checkpoint manifest, here the BatchedPipeline's state):
+    the pipeline's own state carries none, so a restore cannot read a second, stale copy."""
     p = pipeline(stream(seed=4, exposures=50))
     p.poll(100)
-    with pytest.raises(ValueError, match="batch_size"):
-        pipeline(stream(seed=4, exposures=50), batch_size=None).load_state_dict(p.state_dict())
+    assert "positions" not in p.pipeline.state_dict()
+    restored = pipeline(stream(seed=4, exposures=50))
+    restored.load_state_dict(p.state_dict())
+    assert restored.pipeline.positions() == p.pipeline.positions()
 
 
 class _CapturingProducer:
