@@ -214,6 +214,11 @@ class StreamtrainConfig(Section):
     def published_root(self) -> Path:
         return self.publishing.root or self.run_dir / "published"
 
+    @property
+    def endpoints_path(self) -> Path:
+        """Where a running daemon writes the addresses it listens on (ports may be picked at start)."""
+        return self.run_dir / "endpoints.json"
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 

@@ -1,20 +1,22 @@
 """The incremental trainer: one prequential step per sample batch.
 
-``step(batch)`` runs the model forward in training mode, hands the detached predictions
-(made *before* this batch's update) to the caller's ``observe`` callback — the monitors —
-then backpropagates, updates the dense parameters (Adam) and the dynamic embedding rows
-(row-wise optimizers). The same forward serves scoring and training, so prequential
-evaluation costs no second pass.
+``step(batch)`` runs the model forward in training mode, backpropagates, updates the
+dense parameters (Adam) and the dynamic embedding rows (row-wise optimizers), and
+returns a :class:`StepResult`: the predictions of that forward — made *before* this
+batch's update, i.e. prequential — and the losses. The same forward serves scoring and
+training, so prequential evaluation costs no second pass. The trainer calls nobody: the
+runtime hands the result to the monitors, the releases and any hook.
 
 Determinism: everything a step depends on — dense weights, Adam moments, embedding
 tables with their optimizer slots and admission sketch, torch's CPU RNG — is in
 :meth:`Trainer.state_dict`, and batches arrive in a fixed order (``SampleBatch`` cut by
-:class:`~streamtrain.batching.SampleBuffer`). On CPU with a fixed thread count a replay
+:class:`~consumers.batching.SampleBuffer`). On CPU with a fixed thread count a replay
 from a checkpoint reproduces the uninterrupted run bit for bit.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +27,7 @@ from torch import nn
 
 from consumers.schema import SampleBatch
 from streamtrain.embedding import ColdTier, EmbeddingTableConfig
+from streamtrain.embedding.delta import EmbeddingDelta
 from streamtrain.modules.config import ModelConfig
 from streamtrain.modules.dynamic_embedding import DynamicEmbedding
 from streamtrain.modules.rec_model import EMBEDDING_KEYS, RecModel
@@ -53,7 +56,13 @@ class Predictions:
     p_ctcvr: np.ndarray  # (B,)
 
 
-Observer = Callable[[SampleBatch, Predictions], None]
+@dataclass(frozen=True)
+class StepResult:
+    """What one training step hands back to the runtime."""
+
+    predictions: Predictions  # prequential: scored before this batch's update
+    losses: dict[str, float]  # the step's loss parts (see RecModel.loss)
+    seconds: float  # wall time of the step, host <-> device copies included
 
 
 def pick_device(setting: str) -> torch.device:
@@ -77,6 +86,10 @@ class Trainer:
     ) -> None:
         if sorted(tables) != sorted(EMBEDDING_KEYS):
             raise ValueError(f"need embedding tables {EMBEDDING_KEYS}, got {sorted(tables)}")
+        self._model_config = model_config
+        self._table_configs = dict(tables)
+        self._learning_rate = learning_rate
+        self._seed = seed
         torch.manual_seed(seed)
         self.device = device
         self.tables = {name: DynamicEmbedding(cfg, device=device, cold_tier=cold_tier(name)) for name, cfg in tables.items()}
@@ -91,8 +104,9 @@ class Trainer:
     def to_tensors(self, batch: SampleBatch) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def step(self, batch: SampleBatch, observe: Observer | None = None) -> dict[str, float]:
-        """Score, let ``observe`` see the scores, then train on ``batch``. Returns losses."""
+    def step(self, batch: SampleBatch) -> StepResult:
+        """Score ``batch`` and train on it; returns the (pre-update) scores and the losses."""
+        started = time.perf_counter()
         tensors = self.to_tensors(batch)
         now_ms = int(batch["ts"].max())
         for clocked in self._clocked.values():
@@ -102,16 +116,27 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
             outputs = self.model(tensors)
             total, parts = self.model.loss(tensors, outputs)
-        if observe is not None:
-            observe(batch, Predictions(outputs["p_ctr"].detach().float().cpu().numpy(),
-                                       outputs["p_ctcvr"].detach().float().cpu().numpy()))
+        scores = torch.stack([outputs["p_ctr"].detach(), outputs["p_ctcvr"].detach()]).float()  # (2, B)
         total.backward()
         self.optimizer.step()
         for table in self.tables.values():
             table.apply_gradients()
         self.steps += 1
         self.samples += len(batch["sample_id"])
-        return {name: float(value) for name, value in parts.items()}
+        # The observers' host copy, last: on CUDA it is the step's closing sync.
+        host = scores.cpu().numpy()
+        losses = {name: float(value) for name, value in parts.items()}
+        return StepResult(Predictions(host[0], host[1]), losses, time.perf_counter() - started)
+
+    def frozen_copy(self) -> "Trainer":
+        """A scoring-only copy of this model (weights and tables, no cold tier, fresh
+        optimizer): the shadow that a release candidate is compared with. Building it
+        leaves the global torch RNG as it was (training randomness is part of the state)."""
+        with torch.random.fork_rng(devices=[]):
+            copy = Trainer(self._model_config, self._table_configs, learning_rate=self._learning_rate,
+                           seed=self._seed, device=self.device)
+        copy.load_state_dict(self.state_dict(), model_only=True)
+        return copy
 
     @torch.no_grad()
     def predict(self, batch: SampleBatch) -> Predictions:
@@ -158,6 +183,12 @@ class Trainer:
         self.steps = int(state["steps"])
         self.samples = int(state["samples"])
         torch.set_rng_state(state["rng"])
+
+    def load_published(self, dense: Mapping[str, torch.Tensor], snapshots: Mapping[str, EmbeddingDelta]) -> None:
+        """Hold a published version's model (dense weights + table snapshots), for scoring."""
+        self._load_dense(dense)
+        for name, table in self.tables.items():
+            table.table.load_snapshot(snapshots[name])
 
     def _load_dense(self, dense: Mapping[str, torch.Tensor]) -> None:
         own = self.dense_state()

@@ -2,7 +2,7 @@
 ``bench/monitors.py``.
 
 A scenario is one seeded simulator log with at most one injected drift (``DriftSpec``),
-produced to its own topic, then trained by an in-process :class:`~streamtrain.daemon.Daemon`
+produced to its own topic, then trained by an in-process :class:`~streamtrain.runtime.Daemon`
 (real broker, real joiner, trainer, monitors, gate, publisher, checkpoints) until
 ``stop_after_samples``. :func:`run_scenario` records, without changing what the daemon does:
 
@@ -42,11 +42,11 @@ from consumers.schema import SampleBatch
 from daemon_harness import SMALL_CONFIG, deep_merge, produce_log, write_config
 from monitors.gate import Gate, GateState, Transition
 from streamtrain.config import StreamtrainConfig, load_config
-from streamtrain.daemon import Daemon
+from streamtrain.runtime import Daemon, DaemonHooks
 from streamtrain.simulator import DriftSpec, SimulatorConfig
 from streamtrain.simulator.config import DriftKind
 from streamtrain.simulator.stream import EventStream
-from streamtrain.trainer import Predictions
+from streamtrain.trainer import StepResult
 
 # The hidden world of every scenario (SimulatorConfig fields). Few users and items with a
 # strong affinity (oracle AUC ~0.97) so the model learns fast; conversions within a minute,
@@ -313,7 +313,8 @@ def _timed(fn: _F, sink: list[float]) -> _F:
 
 
 class _Recorder:
-    """Prequential observer: runs after the monitors saw each batch (``Daemon._observe``)."""
+    """The daemon's ``on_trained`` hook: runs after each step, before the monitors see that
+    batch, so a transition caused by one batch is recorded at the next (or by ``finish``)."""
 
     def __init__(self, span_ts: tuple[int, int | None] | None) -> None:
         self._gate: Gate | None = None
@@ -323,18 +324,29 @@ class _Recorder:
         self.end_sample: int | None = None
         self.transitions: list[Transition] = []
         self.seconds = 0.0
+        self.step_seconds: list[float] = []
 
     def watch(self, gate: Gate) -> None:
         """Record ``gate``'s transitions (the daemon builds the gate after taking its observers)."""
         self._gate = gate
 
-    def __call__(self, batch: SampleBatch, predictions: Predictions) -> None:
+    def __call__(self, batch: SampleBatch, result: StepResult) -> None:
         started = time.perf_counter()
+        self.step_seconds.append(result.seconds)
         if self._span_ts is not None:
             start_ts, end_ts = self._span_ts
             self.onset_sample = self.onset_sample if self.onset_sample is not None else self._first_at(batch, start_ts)
             if end_ts is not None and self.end_sample is None:
                 self.end_sample = self._first_at(batch, end_ts)
+        self._record_transition()
+        self._seen += len(batch["ts"])
+        self.seconds += time.perf_counter() - started
+
+    def finish(self) -> None:
+        """After the run: the last batch's transition, if it made one."""
+        self._record_transition()
+
+    def _record_transition(self) -> None:
         if self._gate is None:
             raise RuntimeError("watch(gate) was not called")
         last = self._gate.last_transition
@@ -344,8 +356,6 @@ class _Recorder:
                 raise RuntimeError(f"gate transitions {known + 1}..{last.seq - 1} happened inside one batch "
                                    "and were not recorded")
             self.transitions.append(last)
-        self._seen += len(batch["ts"])
-        self.seconds += time.perf_counter() - started
 
     def _first_at(self, batch: SampleBatch, ts: int) -> int | None:
         hits = np.flatnonzero(batch["ts"] >= ts)
@@ -384,18 +394,17 @@ def run_scenario(
     recorder = _Recorder(span)
     config = load_config(config_path, environ={})
     daemon = Daemon(config, stop=stop, stop_after_samples=scenario.stop_after_samples,
-                    observers=(recorder,))
+                    hooks=DaemonHooks(on_trained=recorder))
     recorder.watch(daemon.monitors.gate)
     monitor_seconds: list[float] = []
-    step_seconds: list[float] = []
     daemon.monitors.update = _timed(daemon.monitors.update, monitor_seconds)  # type: ignore[method-assign]
-    daemon.trainer.step = _timed(daemon.trainer.step, step_seconds)  # type: ignore[method-assign]
     watchdog = threading.Timer(timeout_s, stop.set)
     watchdog.start()
     try:
         summary = daemon.run()
     finally:
         watchdog.cancel()
+    recorder.finish()
     return ScenarioRun(
         scenario=scenario,
         seed=seed,
@@ -409,6 +418,6 @@ def run_scenario(
         end_sample=recorder.end_sample,
         monitor_status=daemon.monitors.status(),
         monitor_seconds=monitor_seconds,
-        step_seconds=step_seconds,
+        step_seconds=recorder.step_seconds,
         observer_seconds=recorder.seconds,
     )

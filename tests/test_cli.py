@@ -106,7 +106,7 @@ def test_checkpoints_commands_list_verify_inspect_rollback(tmp_path: Path, capsy
 
 
 def test_publish_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from streamtrain.publisher import Publisher
+    from streamtrain.runtime.publisher import Publisher
 
     pub = Publisher(tmp_path)
     pub.publish({"w": b"1"}, {"checkpoint": "a"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 import orjson
 import pytest
 
-from streamtrain.control import ControlServer, ensure_token
+from streamtrain.runtime.control import ControlServer, ensure_token
 
 
 def _call(url: str, method: str = "GET", token: str | None = None, body: bytes | None = None) -> tuple[int, Any]:
@@ -58,3 +59,37 @@ def test_generated_token_file_is_private(tmp_path: Path) -> None:
     assert len(token) >= 32
     assert (tmp_path / "control.token").stat().st_mode & 0o077 == 0
     assert ensure_token("given", tmp_path / "t2") == "given"
+
+
+def _raw_post(url: str, headers: dict[str, str], body: bytes = b"") -> int:
+    """A POST with hand-made headers (urllib would compute Content-Length itself)."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=5)
+    conn.putrequest("POST", "/freeze", skip_accept_encoding=True)
+    for name, value in headers.items():
+        conn.putheader(name, value)
+    conn.endheaders(body)
+    status = conn.getresponse().status
+    conn.close()
+    return status
+
+
+def test_malformed_content_length_gets_400_not_a_dropped_connection(server: Any) -> None:
+    auth = {"Authorization": "Bearer s3cret"}
+    assert _raw_post(server.url, {**auth, "Content-Length": "abc"}) == 400
+    assert _raw_post(server.url, {**auth, "Content-Length": "-5"}) == 400
+    assert server.calls == []
+
+
+def test_a_failing_route_answers_500_and_integer_keys_serialise() -> None:
+    def broken() -> dict[str, Any]:
+        raise RuntimeError("boom")
+
+    srv = ControlServer("127.0.0.1", 0, "t", status=lambda: {"lag": {0: 5, 1: 0}}, freeze=lambda r: broken(),
+                        unfreeze=lambda r: {}).start()
+    try:
+        assert _call(srv.url + "/status") == (200, {"lag": {"0": 5, "1": 0}})
+        status, doc = _call(srv.url + "/freeze", "POST", token="t")
+        assert status == 500 and "boom" in doc["error"]
+    finally:
+        srv.stop()

@@ -10,6 +10,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -18,7 +19,7 @@ import torch
 
 from daemon_harness import final_state, produce_log, write_config
 from streamtrain.config import load_config
-from streamtrain.daemon import Daemon
+from streamtrain.runtime import Daemon, DaemonHooks
 
 pytestmark = pytest.mark.integration
 
@@ -32,6 +33,11 @@ def topic(kafka_bootstrap: str) -> str:
 
 def _daemon(path: Path, **kwargs: Any) -> Daemon:
     return Daemon(load_config(path, environ={}), stop=threading.Event(), **kwargs)
+
+
+def _after_each_step(action: Callable[[], None]) -> DaemonHooks:
+    """Hooks running ``action`` after every training step (on the training thread)."""
+    return DaemonHooks(on_trained=lambda batch, result: action())
 
 
 def test_warm_start_takes_weights_not_offsets(kafka_bootstrap: str, topic: str, tmp_path: Path) -> None:
@@ -65,20 +71,10 @@ def test_warm_start_rejects_a_different_model_shape(kafka_bootstrap: str, topic:
 def test_failing_checkpoint_disk_alerts_keeps_training_and_recovers(
     kafka_bootstrap: str, topic: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    daemon = _daemon(write_config(tmp_path / "c.yaml", kafka_bootstrap, topic, tmp_path / "c",
-                                  checkpoints={"every_samples": 256, "retry_backoff_seconds": 0.01,
-                                               "retry_backoff_max_seconds": 0.01}),
-                     stop_after_samples=2048)
-    fs = daemon.store._fs  # noqa: SLF001 - the store's one seam for filesystem faults
     state = {"failing": False, "first_good": None, "samples_while_failing": 0}
 
-    def disk_full(op: str, path: Path) -> None:
-        if state["failing"]:
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-
-    fs.before = disk_full  # type: ignore[method-assign]
-
-    def on_step(d: Daemon) -> None:
+    def on_step() -> None:
+        d = daemon
         if d.checkpoints_written == 1 and state["first_good"] is None:
             state["first_good"] = d.last_checkpoint
             state["failing"] = True
@@ -87,7 +83,18 @@ def test_failing_checkpoint_disk_alerts_keeps_training_and_recovers(
             if d.checkpoint_failures >= 2:
                 state["failing"] = False  # the operator freed some space
 
-    summary = daemon.run(on_step=on_step)
+    daemon = _daemon(write_config(tmp_path / "c.yaml", kafka_bootstrap, topic, tmp_path / "c",
+                                  checkpoints={"every_samples": 256, "retry_backoff_seconds": 0.01,
+                                               "retry_backoff_max_seconds": 0.01}),
+                     stop_after_samples=2048, hooks=_after_each_step(on_step))
+    fs = daemon.store._fs  # noqa: SLF001 - the store's one seam for filesystem faults
+
+    def disk_full(op: str, path: Path) -> None:
+        if state["failing"]:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    fs.before = disk_full  # type: ignore[method-assign]
+    summary = daemon.run()
     assert summary.samples_trained == 2048
     assert summary.checkpoint_failures >= 2
     assert "checkpoint failed" in caplog.text
@@ -100,17 +107,22 @@ def test_failing_checkpoint_disk_alerts_keeps_training_and_recovers(
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian package 'prometheus'); "
                                                               "scripts/setup.sh test installs it when run as root")
 def test_metrics_endpoint_passes_promtool(kafka_bootstrap: str, topic: str, tmp_path: Path) -> None:
-    daemon = _daemon(write_config(tmp_path / "m.yaml", kafka_bootstrap, topic, tmp_path / "m"), stop_after_samples=512)
-    scraped: dict[str, bytes] = {}
-
-    def scrape(d: Daemon) -> None:
-        if d.trainer.samples >= 512 and not scraped:
-            d._update_status({"total": 1.0})  # noqa: SLF001 - make sure a snapshot is published
-            port = d.metrics._server.server_address[1]  # type: ignore[union-attr]  # noqa: SLF001
-            scraped["body"] = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
-
-    daemon.run(on_step=scrape)
-    body = scraped["body"]
+    daemon = _daemon(write_config(tmp_path / "m.yaml", kafka_bootstrap, topic, tmp_path / "m"))
+    runner = threading.Thread(target=daemon.run, name="daemon")
+    runner.start()
+    try:
+        # The live endpoint, found as an operator finds it, scraped until it shows training.
+        body = b""
+        deadline = time.monotonic() + 120
+        while _sample_value(body, b"streamtrain_train_samples_total") <= 0:
+            assert time.monotonic() < deadline, body.decode()[-2000:]
+            time.sleep(0.2)
+            endpoints = tmp_path / "m" / "endpoints.json"
+            if endpoints.exists():
+                body = urllib.request.urlopen(orjson.loads(endpoints.read_bytes())["metrics"], timeout=5).read()
+    finally:
+        daemon.stop.set()
+        runner.join(timeout=120)
     for name in (b"streamtrain_events_consumed_total", b"streamtrain_train_samples_total", b"streamtrain_gate_open",
                  b"streamtrain_embedding_rows", b"streamtrain_freshness_seconds_bucket"):
         assert name in body, name
@@ -118,13 +130,19 @@ def test_metrics_endpoint_passes_promtool(kafka_bootstrap: str, topic: str, tmp_
     assert lint.returncode == 0, lint.stdout.decode() + lint.stderr.decode()
 
 
+def _sample_value(exposition: bytes, name: bytes) -> float:
+    """The value of an unlabelled sample in a Prometheus text exposition (-1 if absent)."""
+    for line in exposition.splitlines():
+        if line.startswith(name + b" "):
+            return float(line.split()[1])
+    return -1.0
+
+
 def test_control_endpoint_freezes_a_running_daemon(kafka_bootstrap: str, topic: str, tmp_path: Path) -> None:
-    daemon = _daemon(write_config(tmp_path / "g.yaml", kafka_bootstrap, topic, tmp_path / "g",
-                                  publishing={"every_samples": 256, "shadow_window": 0}),
-                     stop_after_samples=2048)
     seen: dict[str, Any] = {}
 
-    def control(d: Daemon) -> None:
+    def control() -> None:
+        d = daemon
         if d.trainer.samples == 512:
             assert d.control is not None
             url, token = d.control.url, (tmp_path / "g" / "control.token").read_text().strip()
@@ -134,7 +152,10 @@ def test_control_endpoint_freezes_a_running_daemon(kafka_bootstrap: str, topic: 
             seen["frozen_at"] = d.trainer.samples
             seen["versions_at_freeze"] = len(d.publisher.versions())
 
-    daemon.run(on_step=control)
+    daemon = _daemon(write_config(tmp_path / "g.yaml", kafka_bootstrap, topic, tmp_path / "g",
+                                  publishing={"every_samples": 256, "shadow_window": 0}),
+                     stop_after_samples=2048, hooks=_after_each_step(control))
+    daemon.run()
     assert seen.get("gate") == "frozen", seen
     assert len(daemon.publisher.versions()) == seen["versions_at_freeze"], "nothing is published while FROZEN"
     last = daemon.monitors.gate.last_transition

@@ -1,7 +1,7 @@
 """Drift monitors gate publication, proven through the real daemon (GitHub issue #7).
 
 Each test produces one seeded simulator log to its own topic and trains it with an
-in-process :class:`~streamtrain.daemon.Daemon` (real broker, joiner, trainer, monitors,
+in-process :class:`~streamtrain.runtime.Daemon` (real broker, joiner, trainer, monitors,
 gate, publisher and webhook sink; see ``scenario_harness``). For every injected drift kind:
 
 * nothing freezes before the drift, and the gate freezes within a bounded number of samples

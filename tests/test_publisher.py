@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from streamtrain.publisher import Publisher, PublishError, verify_version
+from streamtrain.runtime.publisher import Publisher, PublishError, verify_version
 
 
 def test_versions_are_numbered_and_current_moves(tmp_path: Path) -> None:

@@ -21,9 +21,9 @@ from streamtrain.cli import (
     simulate_cmd,
 )
 from streamtrain.config import ConfigError
-from streamtrain.logs import setup_logging
+from streamtrain.cli.logs import setup_logging
 from checkpoints import CheckpointError
-from streamtrain.publisher import PublishError
+from streamtrain.runtime.publisher import PublishError
 from streamtrain.services import ServiceError
 
 log = logging.getLogger("streamtrain")

@@ -63,9 +63,9 @@ class _AucTracker:
         self.labels: list[np.ndarray] = []
         self._lock = threading.Lock()
 
-    def __call__(self, batch: dict[str, np.ndarray], predictions: Any) -> None:
+    def __call__(self, batch: dict[str, np.ndarray], result: Any) -> None:
         with self._lock:
-            self.scores.append(predictions.p_ctr)
+            self.scores.append(result.predictions.p_ctr)
             self.labels.append(batch["click"])
 
     def auc(self) -> float | None:
@@ -96,8 +96,8 @@ def _demo_config(args: argparse.Namespace, bootstrap: str, redis_url: str | None
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from streamtrain.daemon import Daemon
-    from streamtrain.live import StatusView
+    from streamtrain.runtime import Daemon, DaemonHooks
+    from streamtrain.runtime.live import StatusView
     from streamtrain.services import EmbeddedBroker, EmbeddedRedis, ServiceError
     from streamtrain.services.topics import create_topics
     from streamtrain.simulator import KafkaSink, run_simulation
@@ -126,7 +126,7 @@ def _demo(args: argparse.Namespace) -> int:
                 sim_stats.update(stats.summary())
 
             tracker = _AucTracker()
-            daemon = Daemon(config, stop=stop, observers=(tracker,))
+            daemon = Daemon(config, stop=stop, hooks=DaemonHooks(on_trained=tracker))
             producer = threading.Thread(target=simulate, name="simulator", daemon=True)
             producer.start()
             timer = threading.Timer(args.duration, stop.set)
@@ -145,8 +145,8 @@ def _demo(args: argparse.Namespace) -> int:
     status = daemon.status()
     result = {
         "events": sim_stats.get("events", 0),
-        "events_consumed": status.get("counters", {}).get("messages", 0),
-        "dlq": sum(v for k, v in status.get("counters", {}).items() if k.startswith("dlq.")),
+        "events_consumed": status.counters.get("messages", 0),
+        "dlq": sum(v for k, v in status.counters.items() if k.startswith("dlq.")),
         "samples": summary.samples_trained,
         "samples_per_s": round(summary.samples_trained / max(args.duration, 1e-9), 1),
         "auc": tracker.auc(),

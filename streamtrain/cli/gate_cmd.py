@@ -10,6 +10,7 @@ from pathlib import Path
 import orjson
 
 from streamtrain.cli.common import add_config_flags, config_from_args, print_json
+from streamtrain.config import StreamtrainConfig
 from streamtrain.services import ServiceError
 
 
@@ -23,16 +24,27 @@ def register(sub: argparse._SubParsersAction) -> None:
                        ("unfreeze", "lift a manual freeze")):
         p = verbs.add_parser(verb, help=text)
         add_config_flags(p)
-        p.add_argument("--url", help="control endpoint (default: http://control.host:control.port)")
+        p.add_argument("--url", help="control endpoint (default: the one the daemon wrote to <run_dir>/endpoints.json, "
+                                     "else http://control.host:control.port)")
         p.add_argument("--token-file", type=Path, help="bearer token file (default: <run_dir>/control.token)")
         if verb != "status":
             p.add_argument("--reason", default=f"manual {verb} from CLI", help="recorded with the transition")
         p.set_defaults(func=_gate)
 
 
+def control_url(config: StreamtrainConfig) -> str:
+    """Where the daemon of this config listens: what it wrote at start (its port may have
+    been picked then), else the configured address."""
+    try:
+        written = orjson.loads(config.endpoints_path.read_bytes()).get("control")
+    except (OSError, orjson.JSONDecodeError):
+        written = None
+    return written or f"http://{config.control.host}:{config.control.port}"
+
+
 def _gate(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    url = (args.url or f"http://{config.control.host}:{config.control.port}").rstrip("/")
+    url = (args.url or control_url(config)).rstrip("/")
     if args.verb == "status":
         request = urllib.request.Request(url + "/status")
     else:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from streamtrain.cli.common import add_config_flags, config_from_args, print_json
-from streamtrain.publisher import Publisher, verify_version
+from streamtrain.runtime.publisher import Publisher, verify_version
 
 
 def register(sub: argparse._SubParsersAction) -> None:

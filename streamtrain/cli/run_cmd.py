@@ -26,8 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from streamtrain.daemon import Daemon  # heavy imports (torch) only when running
-    from streamtrain.live import StatusView
+    from streamtrain.runtime import Daemon  # heavy imports (torch) only when running
+    from streamtrain.runtime.live import StatusView
 
     config = config_from_args(args)
     daemon = Daemon(config, stop=stop_event_on_signals(), resume_from=args.resume_from,

@@ -77,6 +77,29 @@ def write_parquet(delta: EmbeddingDelta, path: str | Path) -> Path:
     return path
 
 
+def read_parquet(path: str | Path) -> EmbeddingDelta:
+    """Read a delta written by :func:`write_parquet` (or a published table snapshot)."""
+    table = pq.read_table(path)
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    if meta.get("streamtrain.format_version") != str(DELTA_FORMAT_VERSION):
+        raise ValueError(f"{path}: embedding delta format {meta.get('streamtrain.format_version')!r}, "
+                         f"expected {DELTA_FORMAT_VERSION}")
+    dim = int(meta["streamtrain.dim"])
+    deleted = table.column("deleted").to_numpy()
+    keys = table.column("key").to_numpy()
+    embedding = table.column("embedding").combine_chunks()
+    # The child array holds dim values for every entry, tombstones included (masked zeros).
+    rows = embedding.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(keys), dim)
+    return EmbeddingDelta(
+        table=meta["streamtrain.table"],
+        step=int(meta["streamtrain.step"]),
+        keys=keys[~deleted].astype(np.int64),
+        rows=rows[~deleted],
+        deleted=keys[deleted].astype(np.int64),
+        default_row=np.asarray(json.loads(meta["streamtrain.default_row"]), np.float32),
+    )
+
+
 def push_to_redis(delta: EmbeddingDelta, client: redis.Redis, hash_key: str, chunk: int = 10_000) -> None:
     """Apply the delta to the Redis hash ``hash_key``: field = decimal id, value = the row as
     little-endian float32 bytes (``np.frombuffer(v, "<f4")``); tombstones are ``HDEL``-ed.

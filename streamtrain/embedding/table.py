@@ -334,6 +334,29 @@ class EmbeddingTable:
         state |= {f"counters.{k}": v for k, v in asdict(self.counters).items()}
         return state
 
+    def load_snapshot(self, snapshot: EmbeddingDelta) -> None:
+        """Hold exactly a snapshot's keys, rows and default row (a scoring copy of a
+        published model): lookups of those keys read those rows; optimizer slots and
+        frequency/recency scores start fresh (step, counters and the admission sketch are
+        kept: scoring never reads them). Raises ``ValueError`` if it does not fit."""
+        n = len(snapshot.keys)
+        if snapshot.rows.shape != (n, self.dim) or n > self.config.max_rows or len(snapshot.deleted):
+            raise ValueError(f"embedding table {self.config.name!r}: snapshot of {n} rows x {snapshot.rows.shape[1:]} "
+                             f"(with {len(snapshot.deleted)} tombstones) does not fit dim {self.dim} / max_rows "
+                             f"{self.config.max_rows}")
+        rows = RESERVED_ROWS + max(n, self.config.initial_rows)
+        state = self.state_dict()
+        weight = torch.zeros(rows, self.dim)
+        weight[DEFAULT_ROW] = torch.from_numpy(snapshot.default_row)
+        weight[RESERVED_ROWS : RESERVED_ROWS + n] = torch.from_numpy(snapshot.rows)
+        keys = torch.zeros(rows, dtype=torch.int64)
+        keys[RESERVED_ROWS : RESERVED_ROWS + n] = torch.from_numpy(snapshot.keys)
+        slots = self.optimizer.new_slots(rows, self.dim, torch.device("cpu"))
+        state |= {"weight": weight, "row_keys": keys, **{f"slot.{k}": v for k, v in slots.items()},
+                  "freq": torch.zeros(rows, dtype=torch.int64), "last_seen_ms": torch.zeros(rows, dtype=torch.int64),
+                  "touched": torch.zeros(rows, dtype=torch.bool), "tombstones": keys[:0]}
+        self.load_state_dict(state)
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output; the hash map and free list are rebuilt.
 

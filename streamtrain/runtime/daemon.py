@@ -1,20 +1,28 @@
 """The training daemon: the one place that wires consumers, trainer, monitors, checkpoints,
-publisher, metrics and the control endpoint together.
+releases, metrics and the control endpoint together.
 
 Loop, one turn per poll::
 
     poll Kafka -> decode/join -> samples  ->  SampleBuffer (fixed-size batches)
-    for each full batch:  forward (prequential scores) -> monitors + shadow -> backward/update
-                          -> ledger -> release (if due, gate OPEN, shadow ok) -> checkpoint (if due)
+    for each full batch:  trainer.step -> StepResult (prequential scores, losses)
+                          -> monitors, shadow window, hooks -> ledger
+                          -> release due?  checkpoint this step, then publish naming it
+                          -> else checkpoint if due
+    status snapshot -> /status, /metrics, live view
+
+The flow is one-way: the trainer returns what observers need and calls nobody; the
+runtime hands it to the monitors, the releases and the hooks.
 
 Exactly-once (DESIGN §6.1). A checkpoint is cut between two training steps and holds,
-together: the trainer (dense weights, Adam, tables, RNG), the pipeline (joiner state and
-the Kafka positions of everything it consumed), the samples emitted but not yet trained
-(the buffer), the monitors and gate, and the ledger of sample ids trained since the
-previous checkpoint. Restarting seeks every partition to the saved positions: every
-message is either reflected in the saved state or re-read, never both. Batch boundaries
-depend only on the sample sequence, which the joiner makes independent of arrival timing,
-so a replay reproduces the uninterrupted run bit for bit on CPU.
+together: the trainer (dense weights, Adam, tables, RNG), the pipeline (joiner state), the
+samples emitted but not yet trained (the buffer), the monitors and gate, the releases
+(cadence, shadow window, a pending release), and the ledger of sample ids trained since
+the previous checkpoint; its manifest holds the Kafka positions of everything the
+pipeline consumed (the one place offsets are stored). Restarting seeks every partition to
+those positions: every message is either reflected in the saved state or re-read, never
+both. Batch boundaries depend only on the sample sequence, which the joiner makes
+independent of arrival timing, so a replay reproduces the uninterrupted run bit for bit
+on CPU.
 
 Shutdown (SIGTERM / Ctrl-C): stop polling, finish the current step, write a final
 checkpoint, commit offsets to Kafka (for lag tools only), close. A second signal exits
@@ -24,16 +32,20 @@ at once (``stop_event_on_signals``).
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import torch
+
 from checkpoints import (
     Checkpoint,
     CheckpointNotFoundError,
@@ -44,22 +56,47 @@ from checkpoints import (
     ledger_ids,
     ledger_state,
 )
+from consumers.batching import SampleBuffer
 from consumers.pipeline import IngestPipeline
 from consumers.runtime import build_pipeline, make_producer
-from consumers.source import KafkaSource
+from consumers.schema import SampleBatch
 from monitors.alerts import build_sinks
 from monitors.suite import MonitorSuite
-from streamtrain.batching import SampleBuffer
+from monitors.verdict import Verdict
 from streamtrain.config import StreamtrainConfig
-from streamtrain.control import ControlServer, ensure_token
-from streamtrain.daemon_metrics import metric_points
 from streamtrain.embedding.redis_tier import RedisColdTier
-from streamtrain.metrics import DaemonMetrics
-from streamtrain.publisher import Publisher
-from streamtrain.releases import ReleaseManager
-from streamtrain.trainer import Predictions, Trainer, pick_device
+from streamtrain.runtime.control import ControlServer, ensure_token
+from streamtrain.runtime.metric_points import metric_points
+from streamtrain.runtime.metrics import DaemonMetrics
+from streamtrain.runtime.publisher import Publisher
+from streamtrain.runtime.releases import ReleaseManager
+from streamtrain.runtime.status import DaemonStatus, TableStatus, VersionStatus
+from streamtrain.trainer import Predictions, StepResult, Trainer, pick_device
 
 log = logging.getLogger("streamtrain.daemon")
+
+
+def _no_polled(batches: list[SampleBatch], seconds: float) -> None:
+    return None
+
+
+def _no_trained(batch: SampleBatch, result: StepResult) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class DaemonHooks:
+    """Observers attached from outside (benchmarks, the demo's trackers), called on the
+    training thread. They may read what they are given; they must not change it or block.
+
+    * ``on_polled(batches, seconds)``: after each ``pipeline.poll``, with the samples it
+      emitted (possibly none) and how long the poll took.
+    * ``on_trained(batch, result)``: right after each training step returned, before the
+      monitors, releases and checkpoint of that step.
+    """
+
+    on_polled: Callable[[list[SampleBatch], float], None] = _no_polled
+    on_trained: Callable[[SampleBatch, StepResult], None] = _no_trained
 
 
 @dataclass
@@ -83,21 +120,22 @@ class Daemon:
         resume_from: str | None = None,
         warm_start: str | None = None,
         stop_after_samples: int | None = None,
-        observers: tuple[Callable[[dict[str, np.ndarray], Predictions], None], ...] = (),
+        hooks: DaemonHooks = DaemonHooks(),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.stop = stop
         self.stop_after_samples = stop_after_samples
-        self._observers = observers  # extra prequential hooks (the demo's AUC tracker)
+        self.hooks = hooks
         self._clock = clock
         self._commands: queue.Queue[tuple[str, str, Future[dict[str, Any]]]] = queue.Queue()
         self._status_lock = threading.Lock()
-        self._status: dict[str, Any] = {"state": "starting"}
+        self._status = DaemonStatus(state="starting", topic=config.kafka.topic)
         self.checkpoints_written = 0
         self.checkpoint_failures = 0
         self.last_checkpoint: str | None = None
         self._last_checkpoint_wall: float | None = None
+        self._losses: dict[str, float] = {}
         # Ledger of the exactly-once proof: ids trained since the last checkpoint, and the
         # ledger that checkpoint holds (re-saving the same step must repeat it, since the
         # store links a same-step re-save to that checkpoint's parent).
@@ -114,7 +152,7 @@ class Daemon:
                                      sinks=build_sinks(config.monitors.alerts))
         self.buffer = SampleBuffer(config.trainer.batch_size)
         self.publisher = Publisher(config.published_root, config.publishing.keep_versions)
-        self.releases = ReleaseManager(config.publishing, self.publisher, self._shadow_of)
+        self.releases = ReleaseManager(config.publishing, self.publisher)
         self.store = CheckpointStore(config.checkpoints.root, config.checkpoints)
         self.trigger = CheckpointTrigger.from_config(config.checkpoints, clock)
         self.pipeline = self._new_pipeline()
@@ -135,15 +173,8 @@ class Daemon:
         return Trainer(cfg.model, tables, learning_rate=cfg.trainer.learning_rate, seed=cfg.trainer.seed,
                        device=self.device, cold_tier=cold_tier)
 
-    def _shadow_of(self, trainer: Trainer) -> Trainer:
-        shadow = self._new_trainer()
-        shadow.load_state_dict(trainer.state_dict(), model_only=True)
-        return shadow
-
     def _new_pipeline(self) -> IngestPipeline:
         ingest = self.config.ingest()
-        # batch_size=None: the daemon's SampleBuffer cuts the training batches, so the
-        # stop point and the checkpointed remainder live in one place.
         return build_pipeline(ingest, make_producer(ingest))
 
     # ------------------------------------------------------------------ state
@@ -182,26 +213,28 @@ class Daemon:
             log.warning("skipped damaged checkpoint %s: %s", skipped.name, skipped.reason)
         c = ckpt.components
         self.trainer.load_state_dict(c["trainer"])
-        self.pipeline.load_state_dict(c["pipeline"])  # also seeks every partition to the saved offsets
+        self.pipeline.load_state_dict(c["pipeline"])
+        self.pipeline.seek(ckpt.offsets)  # the manifest's offsets: the one record of where to continue
         self.buffer.load_state_dict(c["buffer"])
         self.monitors.load_state_dict(c["monitors"])
-        self.releases.load_state_dict(c["releases"])
+        self.releases.load_state_dict(c["releases"], self.trainer)
         self._saved_ledger, self._saved_step = ledger_ids(c["ledger"]), self.trainer.steps
         self.last_checkpoint = ckpt.name
-        self.monitors.gate.announce()  # a restored FROZEN gate re-fires its alert (Alertmanager forgets)
+        self.monitors.gate.announce()  # a restored FROZEN gate re-fires its alert (not a new transition)
         log.info("resumed from %s: step %d, %d samples trained, offsets %s",
                  ckpt.name, self.trainer.steps, self.trainer.samples, ckpt.offsets)
+        self._publish_pending()  # a release decided at this checkpoint's step, if the crash came before it
 
     def checkpoint(self, reason: str) -> bool:
         """Write a checkpoint now (at a batch boundary). Failures alert and keep training."""
         started = time.monotonic()
-        undelivered = self.pipeline.dlq.flush(10.0)  # DLQ records of checkpointed offsets are delivered first
+        undelivered = self.pipeline.deliver_dlq(10.0)  # DLQ records of checkpointed offsets are delivered first
         if undelivered:
             log.warning("%d DLQ records not yet delivered at checkpoint; they are resent after a crash", undelivered)
         components = self.components()
         try:
             info = self.store.save(self.trainer.steps, components, offsets=self.pipeline.positions(),
-                                   watermark=int(self.pipeline.joiner.watermark), config_hash=self.config.config_hash(),
+                                   watermark=self.pipeline.watermark, config_hash=self.config.config_hash(),
                                    extra_meta={"reason": reason, "samples": self.trainer.samples})
         except CheckpointWriteError as exc:
             self.checkpoint_failures += 1
@@ -218,13 +251,15 @@ class Daemon:
         self.metrics.checkpoint_duration.observe(time.monotonic() - started)
         for warning in info.warnings:
             log.warning("checkpoint %s: %s", info.name, warning)
-        self._commit_offsets()
+        self.pipeline.commit(self.pipeline.positions())  # lag tools only; the checkpoint is the truth
         return True
 
-    def _commit_offsets(self) -> None:
-        source = self.pipeline.source
-        if isinstance(source, KafkaSource):
-            source.commit(self.pipeline.positions())  # lag tools only; the checkpoint is the truth
+    def _publish_pending(self) -> None:
+        """Publish the release decided at the last checkpoint's step, naming that checkpoint."""
+        if self.releases.pending is None:
+            return
+        meta = {"monitors": self.monitors.status(), "config_hash": self.config.config_hash()}
+        self.releases.publish_pending(self.trainer, self.last_checkpoint, meta)
 
     # ------------------------------------------------------------------ control (thread-safe)
     def request(self, command: str, reason: str) -> dict[str, Any]:
@@ -243,72 +278,102 @@ class Daemon:
             transition = gate.freeze(reason) if command == "freeze" else gate.unfreeze(reason)
             future.set_result({"gate": gate.state.value, "changed": transition is not None})
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> DaemonStatus:
+        """The snapshot of the last loop turn (thread-safe)."""
         with self._status_lock:
-            return dict(self._status)
+            return self._status
 
-    def _update_status(self, losses: dict[str, float]) -> None:
+    def _update_status(self, state: str = "running") -> None:
         current = self.publisher.current()
-        source = self.pipeline.source
-        lag = source.lag() if isinstance(source, KafkaSource) else {}
-        status = {
-            "state": "running",
-            "gate": self.monitors.gate.status(),
-            "monitors": self.monitors.status(),
-            "offsets": self.pipeline.positions(),
-            "lag": lag,
-            "watermark": int(self.pipeline.joiner.watermark),
-            "steps": self.trainer.steps,
-            "samples_trained": self.trainer.samples,
-            "samples_per_s": self.trainer.samples / max(1e-9, self._clock() - self._started),
-            "losses": losses,
-            "last_checkpoint": self.last_checkpoint,
-            "checkpoint_failures": self.checkpoint_failures,
-            "current_version": current.name if current else None,
-            "counters": self.pipeline.counters,
-        }
+        last = self.monitors.gate.last_transition
+        tables = {name: TableStatus(rows=t.table.size, load_factor=t.table.load_factor,
+                                    counters=dict(vars(t.table.counters)))
+                  for name, t in self.trainer.tables.items()}
+        status = DaemonStatus(
+            state=state,
+            topic=self.config.kafka.topic,
+            steps=self.trainer.steps,
+            samples_trained=self.trainer.samples,
+            samples_per_s=self.trainer.samples / max(1e-9, self._clock() - self._started),
+            losses=dict(self._losses),
+            gate=self.monitors.gate.status(),
+            gate_transitions=last.seq if last is not None else 0,
+            monitors=self.monitors.status(),
+            offsets=self.pipeline.positions(),
+            lag=self.pipeline.lag(),
+            watermark=self.pipeline.watermark,
+            counters=self.pipeline.counters,
+            tables=tables,
+            last_checkpoint=self.last_checkpoint,
+            last_checkpoint_wall=self._last_checkpoint_wall,
+            checkpoints_written=self.checkpoints_written,
+            checkpoint_failures=self.checkpoint_failures,
+            current_version=None if current is None else VersionStatus(
+                current.name, current.number, float(current.manifest.get("created", 0.0))),
+            releases={"released": self.releases.released, "held": self.releases.held,
+                      "rollbacks": self.releases.rollbacks, "failures": self.releases.failures},
+        )
         with self._status_lock:
             self._status = status
-        self.metrics.publish(metric_points(self, status, current))
+        self.metrics.update_snapshot(metric_points(status))
 
     # ------------------------------------------------------------------ the loop
-    def _observe(self, batch: dict[str, np.ndarray], predictions: Predictions) -> None:
-        self.monitors.update(predictions.p_ctr, predictions.p_ctcvr, batch["click"], batch["convert"],
-                             batch["sparse"], batch["dense"])
-        self.releases.observe(batch, predictions)
-        for observer in self._observers:
-            observer(batch, predictions)
+    def _observe(self, batch: SampleBatch, result: StepResult) -> None:
+        """Hand a step's prequential scores to the monitors and the shadow check. Correction
+        rows (``emit_then_correct``) re-emit an exposure already scored: they are not new
+        rows, so monitors and the shadow window see exposures only."""
+        self.hooks.on_trained(batch, result)
+        fresh = ~batch["is_correction"]
+        rows = batch if fresh.all() else {k: v[fresh] for k, v in batch.items()}
+        if not len(rows["sample_id"]):
+            return
+        predictions = result.predictions
+        p_ctr, p_ctcvr = (predictions.p_ctr, predictions.p_ctcvr) if fresh.all() else (
+            predictions.p_ctr[fresh], predictions.p_ctcvr[fresh])
+        verdicts = self.monitors.update(p_ctr, p_ctcvr, rows["click"], rows["convert"], rows["sparse"], rows["dense"])
+        for verdict in verdicts:
+            _log_window(verdict)
+        self.releases.observe(rows, Predictions(p_ctr, p_ctcvr))
 
-    def _train_one(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
-        losses = self.trainer.step(batch, self._observe)
+    def _train_one(self, batch: SampleBatch) -> None:
+        result = self.trainer.step(batch)
+        self._losses = result.losses
+        self.metrics.step_duration.observe(result.seconds)
+        self._observe(batch, result)
         self._observe_latencies(batch)
+        size = len(batch["sample_id"])
         self._ledger.append(batch["sample_id"].copy())
-        self.releases.after_step(self.trainer, self.monitors.gate, len(batch["sample_id"]), self._release_meta)
-        self.trigger.record(len(batch["sample_id"]))
-        return losses
+        self.releases.account(size, self.monitors.gate, self.trainer.samples)
+        self.trigger.record(size)
+        release = self.releases.decide(self.monitors.gate)
+        if release or self.trigger.due():
+            self.checkpoint("release" if release else "cadence")
+        if release:
+            # The version names the checkpoint of this very step; when that write failed
+            # there is none, and the release is dropped rather than published unnamed.
+            written = self.last_checkpoint if self._saved_step == self.trainer.steps else None
+            if written is None:
+                self.releases.drop_pending("the checkpoint of its step could not be written")
+            else:
+                self._publish_pending()
 
-    def _observe_latencies(self, batch: dict[str, np.ndarray]) -> None:
+    def _observe_latencies(self, batch: SampleBatch) -> None:
         """Freshness: wall now - exposure event time (meaningful where event time is wall
         time, as in production; it includes the label-window wait by design). Join latency:
         event time from the exposure to the watermark that released its sample."""
         ts_s = batch["ts"].astype(np.float64) / 1000.0
         now = time.time()
-        watermark_s = int(self.pipeline.joiner.watermark) / 1000.0
+        watermark_s = self.pipeline.watermark / 1000.0
         for exposure_s in ts_s:
             self.metrics.freshness.observe(max(0.0, now - exposure_s))
             self.metrics.join_latency.observe(max(0.0, watermark_s - exposure_s))
 
-    def _release_meta(self) -> dict[str, Any]:
-        return {"checkpoint": self.last_checkpoint, "monitors": self.monitors.status(),
-                "config_hash": self.config.config_hash()}
-
     def _done(self) -> bool:
         return self.stop_after_samples is not None and self.trainer.samples >= self.stop_after_samples
 
-    def run(self, on_step: Callable[[Daemon], None] | None = None) -> RunSummary:
+    def run(self) -> RunSummary:
         cfg = self.config
         servers = self._start_servers()
-        losses: dict[str, float] = {}
         paused = False
         stopped_by = "signal"
         try:
@@ -319,23 +384,22 @@ class Daemon:
                     (self.pipeline.resume if paused else self.pipeline.pause)()
                     paused = not gate_lets_consume
                 if not paused:
-                    for batch in self.pipeline.poll(cfg.trainer.poll_max_messages, cfg.trainer.poll_timeout_s):
+                    started = time.perf_counter()
+                    batches = self.pipeline.poll(cfg.trainer.poll_max_messages, cfg.trainer.poll_timeout_s)
+                    self.hooks.on_polled(batches, time.perf_counter() - started)
+                    for batch in batches:
                         self.buffer.extend(batch)
                 else:
                     time.sleep(cfg.trainer.poll_timeout_s)
                 # Check the stop point *before* popping: a popped batch must be trained.
                 while not self._done() and (batch := self.buffer.pop_batch()) is not None:
-                    losses = self._train_one(batch)
-                    if self.trigger.due():
-                        self.checkpoint("cadence")
-                    if on_step is not None:
-                        on_step(self)
-                self._update_status(losses)
+                    self._train_one(batch)
+                self._update_status()
                 if self._done():
                     stopped_by = "stop_after_samples"
                     break
             self.checkpoint("shutdown")
-            self._update_status(losses)
+            self._update_status("stopped")
             return self.summary(stopped_by)
         finally:
             for server in servers:
@@ -349,20 +413,26 @@ class Daemon:
             log.warning("%d DLQ records could not be delivered at exit (broker unreachable?)", undelivered)
         self.monitors.close()
         self.store.close()
+        self.config.endpoints_path.unlink(missing_ok=True)
 
     def _start_servers(self) -> list[Any]:
         cfg = self.config
         servers: list[Any] = []
+        endpoints: dict[str, Any] = {"pid": os.getpid()}
         if cfg.metrics.enabled:
             port = self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
-            log.info("metrics on http://%s:%d/metrics", cfg.metrics.host, port)
+            endpoints["metrics"] = f"http://{cfg.metrics.host}:{port}/metrics"
+            log.info("metrics on %s", endpoints["metrics"])
             servers.append(self.metrics)
         if cfg.control.enabled:
             token = ensure_token(cfg.control.token, cfg.run_dir / "control.token")
-            self.control = ControlServer(cfg.control.host, cfg.control.port, token, status=self.status,
+            self.control = ControlServer(cfg.control.host, cfg.control.port, token,
+                                         status=lambda: self.status().to_json(),
                                          freeze=lambda r: self.request("freeze", r),
                                          unfreeze=lambda r: self.request("unfreeze", r))
             servers.append(self.control.start())
+            endpoints["control"] = self.control.url
+        _write_endpoints(cfg.endpoints_path, endpoints)
         return servers
 
     def summary(self, stopped_by: str) -> RunSummary:
@@ -372,3 +442,21 @@ class Daemon:
                           checkpoints=self.checkpoints_written, checkpoint_failures=self.checkpoint_failures,
                           published_versions=self.releases.released, gate=self.monitors.gate.state.value,
                           auc=auc, stopped_by=stopped_by)
+
+
+def _log_window(verdict: Verdict) -> None:
+    """Every closed AUC window is a point of the learning curve: log it (INFO); other
+    windows at DEBUG (bad ones are logged as warnings by the monitors' LogSink)."""
+    level = logging.INFO if verdict.monitor == "auc" else logging.DEBUG
+    if log.isEnabledFor(level):
+        metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted(verdict.metrics.items()) if isinstance(v, float))
+        log.log(level, "%s window %d (%d samples): %s", verdict.monitor, verdict.window, verdict.sample_count, metrics,
+                extra={"window": verdict.to_dict()})
+
+
+def _write_endpoints(path: Path, endpoints: dict[str, Any]) -> None:
+    """Where this process listens (ports may be picked at start), for `streamtrain gate`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(orjson.dumps(endpoints))
+    tmp.replace(path)

@@ -72,50 +72,65 @@ class ControlServer:
         self._server.shutdown()
         self._server.server_close()
 
-    def _authorised(self, header: str | None) -> bool:
+    def authorised(self, header: str | None) -> bool:
+        """Does an ``Authorization`` header carry this server's bearer token?"""
         scheme, _, presented = (header or "").partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), self._token.encode())
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
-        server = self
+        routes_get, routes_post, authorised = self._routes_get, self._routes_post, self.authorised
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, fmt: str, *args: Any) -> None:  # route access logs to logging
                 log.debug("control %s " + fmt, self.client_address[0], *args)
 
             def _reply(self, code: int, doc: Any) -> None:
-                body = orjson.dumps(doc, default=str)
+                body = orjson.dumps(doc, default=str, option=orjson.OPT_NON_STR_KEYS)
                 self.send_response(code)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _answer(self, route: Callable[[], Any]) -> None:
+                """Run a route; a failure is a 500 with the error, never a dropped connection."""
+                try:
+                    doc = route()
+                except Exception as exc:  # noqa: BLE001 - the endpoint must answer whatever broke
+                    log.exception("control endpoint %s failed", self.path)
+                    self._reply(500, {"error": f"{type(exc).__name__}: {exc}"})
+                    return
+                self._reply(200, doc)
+
             def do_GET(self) -> None:  # noqa: N802 - http.server naming
-                route = server._routes_get.get(self.path.split("?")[0])
+                route = routes_get.get(self.path.split("?")[0])
                 if route is None:
                     self._reply(404, {"error": f"no such endpoint {self.path}"})
                     return
-                self._reply(200, route())
+                self._answer(route)
 
             def do_POST(self) -> None:  # noqa: N802
-                route = server._routes_post.get(self.path.split("?")[0])
+                route = routes_post.get(self.path.split("?")[0])
                 if route is None:
                     self._reply(404, {"error": f"no such endpoint {self.path}"})
                     return
-                if not server._authorised(self.headers.get("Authorization")):
+                if not authorised(self.headers.get("Authorization")):
                     self._reply(401, {"error": "missing or wrong bearer token"})
                     return
-                length = int(self.headers.get("Content-Length") or 0)
+                raw_length = self.headers.get("Content-Length") or "0"
+                if not raw_length.isdigit():
+                    self._reply(400, {"error": f"Content-Length must be a non-negative integer, got {raw_length[:40]!r}"})
+                    return
+                length = int(raw_length)
                 if length > MAX_BODY_BYTES:
                     self._reply(413, {"error": "body too large"})
                     return
                 try:
                     body = orjson.loads(self.rfile.read(length)) if length else {}
-                    reason = str(body.get("reason", "manual")) if isinstance(body, dict) else "manual"
                 except orjson.JSONDecodeError:
                     self._reply(400, {"error": "body must be JSON like {\"reason\": \"...\"}"})
                     return
-                self._reply(200, route(reason))
+                reason = str(body.get("reason", "manual")) if isinstance(body, dict) else "manual"
+                self._answer(lambda: route(reason))
 
         return Handler

@@ -1,10 +1,11 @@
 """Prometheus exposition for the daemon, on a private registry bound to loopback.
 
-Components keep plain counters (they must not import prometheus). The daemon publishes a
-*snapshot* of them after every step with :meth:`DaemonMetrics.publish`; scrapes read the
-latest snapshot through :class:`SnapshotCollector`. This keeps the training loop free of
-metric calls and makes the exposition consistent within one scrape. Latency distributions
-(freshness, join latency, checkpoint duration) are real histograms observed as they happen.
+Components keep plain counters (they must not import prometheus). After every loop turn
+the daemon hands the points of its status snapshot to :meth:`DaemonMetrics.update_snapshot`;
+scrapes read the latest snapshot through :class:`SnapshotCollector`. This keeps the
+training loop free of metric calls and makes the exposition consistent within one
+scrape. Latency distributions (freshness, join latency, step and checkpoint duration)
+are real histograms observed as they happen.
 
 Names follow ``streamtrain_<noun>_<unit>`` with ``_total`` for counters.
 """
@@ -71,12 +72,15 @@ class DaemonMetrics:
         self.join_latency = Histogram(
             "streamtrain_join_latency_seconds", "Event time from an exposure to its sample's emission (label window wait).",
             buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.step_duration = Histogram(
+            "streamtrain_train_step_seconds", "Wall time of one training step (forward, backward, updates).",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=self.registry)
         self.checkpoint_duration = Histogram(
             "streamtrain_checkpoint_duration_seconds", "Wall time to write one checkpoint.",
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=self.registry)
         self._server: object | None = None
 
-    def publish(self, points: Iterable[Point]) -> None:
+    def update_snapshot(self, points: Iterable[Point]) -> None:
         self._snapshot.update(points)
 
     def serve(self, host: str, port: int) -> int:

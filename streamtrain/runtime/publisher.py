@@ -67,6 +67,12 @@ class Publisher:
         found = (self.version(path.name) for path in sorted(self.root.iterdir()))
         return [v for v in found if v is not None]
 
+    def find(self, *, checkpoint: str) -> PublishedVersion | None:
+        """The newest version made from ``checkpoint`` (a replay re-deciding a release it
+        already made finds it here instead of publishing the same model again)."""
+        matches = [v for v in self.versions() if v.manifest.get("checkpoint") == checkpoint]
+        return matches[-1] if matches else None
+
     def current(self) -> PublishedVersion | None:
         """Reads the pointer and that one manifest: the daemon asks on every loop turn."""
         pointer = self.root / "CURRENT"

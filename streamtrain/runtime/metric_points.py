@@ -1,0 +1,112 @@
+"""Translate a :class:`~streamtrain.runtime.status.DaemonStatus` into Prometheus points.
+
+A pure function of the snapshot (``streamtrain_<noun>_<unit>``, ``_total`` added to
+counters by the exposition). This is the one path by which component state becomes
+metrics: monitors, gate, pipeline, tables, checkpoints and releases alike. Latency
+histograms are observed as they happen instead (``runtime/metrics.py``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from streamtrain.runtime.metrics import Point
+from streamtrain.runtime.status import DaemonStatus
+
+_PIPELINE_COUNTERS = {
+    "messages": ("streamtrain_events_consumed", "Messages consumed from the events topic."),
+    "samples_emitted": ("streamtrain_samples_emitted", "Samples emitted by the joiner (corrections included)."),
+    "corrections_emitted": ("streamtrain_samples_corrected", "emit_then_correct correction samples emitted."),
+    "duplicates": ("streamtrain_events_duplicate", "Events dropped as duplicate event_id."),
+    "forced_emissions": ("streamtrain_samples_forced", "Samples emitted early because the pending cap was hit."),
+}
+
+_TABLE_COUNTERS = ("admissions", "evictions", "spills", "cold_hits", "cold_misses", "rejections")
+
+# Last-window metric kinds of the monitors and the label naming their subject,
+# e.g. ``auc/ctr`` -> streamtrain_monitor_auc{head="ctr"}.
+_MONITOR_LABELS = {"auc": "head", "logloss": "head", "calibration": "head", "rate": "label",
+                   "psi": "feature", "js": "feature", "missing_rate": "feature", "repeat_rate": "feature"}
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and value == value and abs(value) != float("inf")
+
+
+def metric_points(status: DaemonStatus, now: Callable[[], float] = time.time) -> list[Point]:
+    """Every metric of one snapshot; ``now`` (unix seconds) ages checkpoints and versions."""
+    return list(_points(status, now()))
+
+
+def _points(status: DaemonStatus, now: float) -> Iterator[Point]:
+    counters = status.counters
+    for key, (name, help_text) in _PIPELINE_COUNTERS.items():
+        labels = {"topic": status.topic} if key == "messages" else {}
+        yield Point(name, "counter", help_text, counters.get(key, 0), labels)
+    for key, value in counters.items():
+        if key.startswith("dlq."):
+            yield Point("streamtrain_dlq_events", "counter", "Events sent to the dead-letter topic, by reason.",
+                        value, {"reason": key[4:]})
+    for partition, lag in sorted(status.lag.items()):
+        yield Point("streamtrain_consumer_lag_messages", "gauge",
+                    "Messages between the consumer's position and the end of the partition.",
+                    max(0, lag), {"topic": status.topic, "partition": str(partition)})
+    if status.watermark is not None:
+        yield Point("streamtrain_watermark_seconds", "gauge", "Event-time watermark of the joiner (unix seconds).",
+                    status.watermark / 1000.0)
+    yield Point("streamtrain_train_steps", "counter", "Training steps taken.", status.steps)
+    yield Point("streamtrain_train_samples", "counter", "Samples trained on.", status.samples_trained)
+    yield Point("streamtrain_train_samples_per_second", "gauge", "Average training throughput since start.",
+                status.samples_per_s)
+    for name, value in status.losses.items():
+        yield Point("streamtrain_loss", "gauge", "Loss of the last training step, by part.", value, {"part": name})
+    yield from _monitor_points(status.monitors)
+    yield Point("streamtrain_gate_open", "gauge", "1 while the publication gate is OPEN.",
+                float(status.gate.get("state") == "open"))
+    yield Point("streamtrain_gate_transitions", "counter", "Gate transitions (freezes and unfreezes).",
+                status.gate_transitions)
+    for name, table in status.tables.items():
+        yield Point("streamtrain_embedding_rows", "gauge", "Rows in use in a dynamic embedding table.", table.rows,
+                    {"table": name})
+        yield Point("streamtrain_embedding_load_factor", "gauge", "Rows in use / max_rows (the table's hard cap).",
+                    table.load_factor, {"table": name})
+        for counter in _TABLE_COUNTERS:
+            yield Point(f"streamtrain_embedding_{counter}", "counter", f"Embedding table {counter.replace('_', ' ')}.",
+                        table.counters.get(counter, 0), {"table": name})
+    yield Point("streamtrain_checkpoints_written", "counter", "Checkpoints written by this process.",
+                status.checkpoints_written)
+    yield Point("streamtrain_checkpoint_failures", "counter", "Checkpoint writes that failed.", status.checkpoint_failures)
+    if status.last_checkpoint_wall is not None:
+        yield Point("streamtrain_checkpoint_age_seconds", "gauge", "Seconds since the last checkpoint.",
+                    now - status.last_checkpoint_wall)
+    if status.current_version is not None:
+        yield Point("streamtrain_published_version", "gauge", "Number of the CURRENT published version.",
+                    status.current_version.number)
+        yield Point("streamtrain_published_age_seconds", "gauge", "Seconds since CURRENT was published.",
+                    now - status.current_version.created)
+    for key, help_text in (("released", "Model versions published."), ("held", "Releases held back by the shadow check."),
+                           ("rollbacks", "CURRENT moved back by the rollback action."),
+                           ("failures", "Releases that failed to write.")):
+        yield Point(f"streamtrain_releases_{key}", "counter", help_text, status.releases.get(key, 0))
+
+
+def _monitor_points(suite: dict[str, Any]) -> Iterator[Point]:
+    monitors = suite.get("monitors", {})
+    for monitor in monitors.values():
+        verdict = monitor.get("last_verdict") or {}
+        for key, value in verdict.get("metrics", {}).items():
+            kind, _, subject = key.partition("/")
+            if kind not in _MONITOR_LABELS or not _finite(value):
+                continue
+            yield Point(f"streamtrain_monitor_{kind}", "gauge", f"Last window's {kind.replace('_', ' ')}.",
+                        float(value), {_MONITOR_LABELS[kind]: subject})
+    for name, monitor in monitors.items():
+        labels = {"monitor": name}
+        yield Point("streamtrain_monitor_alarm", "gauge", "1 while a monitor is in alarm.", float(bool(monitor.get("alarm"))),
+                    labels)
+        yield Point("streamtrain_monitor_warming_up", "gauge", "1 while a monitor learns its reference.",
+                    float(bool(monitor.get("warming_up"))), labels)
+        yield Point("streamtrain_monitor_samples", "counter", "Samples a monitor has seen.", monitor.get("samples", 0),
+                    labels)
