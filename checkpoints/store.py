@@ -40,7 +40,6 @@ Decisions:
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import time
@@ -58,13 +57,13 @@ from .config import CheckpointConfig
 from .errors import (
     CheckpointCorruptError,
     CheckpointError,
-    CheckpointLockedError,
     CheckpointNotFoundError,
     CheckpointWriteError,
     NoIntactCheckpointError,
     Skipped,
 )
 from .fsio import FileSystem
+from .lock import LOCK_FILE, WriterLock
 from .manifest import (
     DAILY_DIR,
     LATEST_FILE,
@@ -146,19 +145,19 @@ class CheckpointStore:
         self.readonly = readonly
         self._clock = clock
         self._fs = fs if fs is not None else FileSystem(fsync=self.config.fsync)
-        self._lock_fd: int | None = None
+        self._lock: WriterLock | None = None
         if not readonly:
             self.root.mkdir(parents=True, exist_ok=True)
-            self._lock_fd = _acquire_lock(self.root / ".lock")
+            self._lock = WriterLock(self.root / LOCK_FILE)
             self._recover()
 
     # ----------------------------------------------------------------- lifecycle
 
     def close(self) -> None:
         """Release the writer lock (idempotent)."""
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def __enter__(self) -> CheckpointStore:
         return self
@@ -521,7 +520,7 @@ class CheckpointStore:
         return _read_pointer(self.root / LATEST_FILE)
 
     def _require_writable(self) -> None:
-        if self._lock_fd is None:
+        if self._lock is None:
             raise CheckpointError(f"store {self.root} is read-only or closed")
 
     def _recover(self) -> None:
@@ -600,16 +599,6 @@ def _restore(aside: Path, final: Path) -> None:
         os.replace(aside, final)
     except OSError as exc:  # the next writer to open the store restores it
         logger.warning("could not restore %s: %s", final, exc)
-
-
-def _acquire_lock(path: Path) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise CheckpointLockedError(f"{path.parent} is locked by another writer") from None
-    return fd
 
 
 def _read_pointer(path: Path) -> str | None:
