@@ -80,6 +80,7 @@ from .manifest import (
     component_files,
     parse_step,
 )
+from .recovery import CleanupOp, plan_cleanup
 from .reader import Checkpoint, CheckpointStatus, check_dir, load_dir, read_manifest
 from .retention import plan_retention
 
@@ -524,25 +525,28 @@ class CheckpointStore:
             raise CheckpointError(f"store {self.root} is read-only or closed")
 
     def _recover(self) -> None:
-        """Remove what crashed saves, deletions and pointer writes left behind."""
+        """Remove (or put back) what crashed saves, deletions and pointer writes left behind."""
+        # What exists in the root, kept up to date below: each decision sees what the
+        # clean-ups before it actually did (a failed one changed nothing).
+        present = {p.name for p in self.root.iterdir() if p.exists()}
         for path in [*_subdirs(self.root), *_files(self.root), *_files(self.root / DAILY_DIR)]:
-            name = path.name
+            cleanup = plan_cleanup(path.name, is_file=path.is_file(), present=present)
+            if cleanup is None:
+                continue
             try:
-                if name.startswith((TMP_PREFIX, TRASH_PREFIX)):
+                if cleanup.restore_as is not None:  # CleanupOp.RESTORE
+                    self._fs.rename(path, self.root / cleanup.restore_as)
+                elif cleanup.op is CleanupOp.REMOVE_TREE:
                     self._fs.remove_tree(path)
-                elif name.startswith(REPLACED_PREFIX):
-                    original = self.root / name[len(REPLACED_PREFIX) :].rsplit("-", 1)[0]
-                    if original.exists():
-                        self._fs.remove_tree(path)
-                    else:
-                        self._fs.rename(path, original)
-                elif name.startswith(".") and ".tmp-" in name and path.is_file():
-                    self._fs.remove_file(path)  # a pointer write that never got renamed
                 else:
-                    continue
+                    self._fs.remove_file(path)
             except OSError as exc:
                 logger.warning("could not clean up %s: %s", path, exc)
                 continue
+            if path.parent == self.root:
+                present.discard(path.name)
+            if cleanup.restore_as is not None:
+                present.add(cleanup.restore_as)
             logger.info("cleaned up %s left by an interrupted operation", path)
 
     def _discard(self, path: Path | None) -> None:
