@@ -62,6 +62,7 @@ from .errors import (
     NoIntactCheckpointError,
     Skipped,
 )
+from .fallback import plan_load_order
 from .fsio import FileSystem
 from .lock import LOCK_FILE, WriterLock
 from .manifest import (
@@ -365,18 +366,9 @@ class CheckpointStore:
 
     def _first_intact(self, attempt: Callable[[Path], T]) -> tuple[T, tuple[Skipped, ...]]:
         latest = self._latest_pointer()
-        names = self._names()
-        skipped: list[Skipped] = []
-        if latest is None:
-            if names:
-                skipped.append(Skipped(LATEST_FILE, "missing"))
-        elif latest not in names:
-            skipped.append(Skipped(LATEST_FILE, f"names {latest!r}, which is not a checkpoint here"))
-        candidates = sorted(names, reverse=True)
-        if latest in names:
-            candidates.remove(latest)
-            candidates.insert(0, latest)
-        for candidate in candidates:
+        order = plan_load_order(self._names(), latest)
+        skipped = list(order.skipped)
+        for candidate in order.candidates:
             try:
                 result = attempt(self.root / candidate)
             except CheckpointCorruptError as exc:
@@ -385,7 +377,7 @@ class CheckpointStore:
             for s in skipped:
                 logger.warning("skipped %s: %s", s.name, s.reason)
             return result, tuple(skipped)
-        if not names:
+        if not order.candidates:
             raise CheckpointNotFoundError(f"no checkpoint under {self.root}")
         raise NoIntactCheckpointError(skipped)
 

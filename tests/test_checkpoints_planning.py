@@ -9,7 +9,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from checkpoints import checkpoint_name
+from checkpoints import Skipped, checkpoint_name
+from checkpoints.fallback import LoadOrder, plan_load_order
 from checkpoints.recovery import Cleanup, CleanupOp, plan_cleanup
 
 # ------------------------------------------------------------------- recovery
@@ -53,3 +54,27 @@ def test_cleanup_never_touches_a_visible_name(name: str, is_file: bool) -> None:
     """Only hidden names are ever leftovers: a checkpoint, a pointer, a folder of the
     layout can never be removed by a writer opening the store."""
     assert plan_cleanup(name, is_file=is_file, present={name}) is None
+
+
+# ------------------------------------------------------------ load fallback
+
+
+def test_load_order_is_latest_then_newest_first() -> None:
+    names = [checkpoint_name(s) for s in (3, 1, 4, 2)]  # any order in, step order out
+    order = plan_load_order(names, checkpoint_name(2))
+    assert order.candidates == tuple(checkpoint_name(s) for s in (2, 4, 3, 1))
+    assert order.skipped == ()  # a newer uncommitted checkpoint is no fault of LATEST
+
+
+def test_load_order_reports_a_missing_or_dangling_latest() -> None:
+    names = [checkpoint_name(1), checkpoint_name(2)]
+    newest_first = (checkpoint_name(2), checkpoint_name(1))
+    missing = plan_load_order(names, None)
+    assert missing == LoadOrder(newest_first, (Skipped("LATEST", "missing"),))
+    dangling = plan_load_order(names, checkpoint_name(42))
+    assert dangling.candidates == newest_first
+    assert [s.name for s in dangling.skipped] == ["LATEST"] and "'ckpt-000000000042'" in dangling.skipped[0].reason
+
+
+def test_load_order_of_an_empty_root_has_nothing_to_skip() -> None:
+    assert plan_load_order([], None) == LoadOrder((), ())
