@@ -84,6 +84,7 @@ from .manifest import (
 from .recovery import CleanupOp, plan_cleanup
 from .reader import Checkpoint, CheckpointStatus, check_dir, load_dir, read_manifest
 from .retention import plan_retention
+from .warm_start import FromDaily, daily_fallback_order, daily_pointer, parse_warm_start
 
 logger = logging.getLogger(__name__)
 
@@ -388,11 +389,12 @@ class CheckpointStore:
         ``"daily:YYYY-MM-DD"``, a checkpoint name in this store, or a path: a checkpoint
         directory, or another store's root (its newest intact checkpoint, read-only).
         """
-        if spec == "daily" or spec.startswith("daily:"):
-            return self._warm_start_daily(spec.partition(":")[2] or None)
-        if parse_step(spec) is not None and (self.root / spec).is_dir():
-            return self.load(spec)
-        path = Path(spec)
+        target = parse_warm_start(spec)
+        if isinstance(target, FromDaily):
+            return self._warm_start_daily(target.day)
+        if target.name is not None and (self.root / target.name).is_dir():
+            return self.load(target.name)
+        path = target.path
         if (path / MANIFEST_FILE).is_file():
             return load_dir(path)
         if (path / LATEST_FILE).is_file() or any(parse_step(p.name) is not None for p in _subdirs(path)):
@@ -402,13 +404,9 @@ class CheckpointStore:
     def _warm_start_daily(self, day: str | None) -> Checkpoint:
         pointers = self.daily_pointers()
         if day is not None:
-            wanted = date.fromisoformat(day)
-            if wanted not in pointers:
-                raise CheckpointNotFoundError(f"no daily pointer for {day}")
-            return self.load(pointers[wanted])
+            return self.load(daily_pointer(pointers, day))
         skipped = []
-        for pointed_day in sorted(pointers, reverse=True):
-            name = pointers[pointed_day]
+        for pointed_day, name in daily_fallback_order(pointers):
             try:
                 ckpt = self.load(name)
             except (CheckpointCorruptError, CheckpointNotFoundError) as exc:

@@ -6,12 +6,17 @@ No disk anywhere in this file: that is what the planners are for. The store test
 
 from __future__ import annotations
 
+from datetime import date
+from pathlib import Path
+
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from checkpoints import Skipped, checkpoint_name
+from checkpoints import CheckpointNotFoundError, Skipped, checkpoint_name
 from checkpoints.fallback import LoadOrder, plan_load_order
 from checkpoints.recovery import Cleanup, CleanupOp, plan_cleanup
+from checkpoints.warm_start import FromDaily, FromLocation, daily_fallback_order, daily_pointer, parse_warm_start
 
 # ------------------------------------------------------------------- recovery
 
@@ -78,3 +83,45 @@ def test_load_order_reports_a_missing_or_dangling_latest() -> None:
 
 def test_load_order_of_an_empty_root_has_nothing_to_skip() -> None:
     assert plan_load_order([], None) == LoadOrder((), ())
+
+
+# ----------------------------------------------------------------- warm start
+
+
+def test_warm_start_spec_daily_forms() -> None:
+    assert parse_warm_start("daily") == FromDaily(None)
+    assert parse_warm_start("daily:") == FromDaily(None)
+    assert parse_warm_start("daily:2024-03-02") == FromDaily("2024-03-02")
+
+
+def test_warm_start_spec_name_or_path() -> None:
+    name = checkpoint_name(7)
+    assert parse_warm_start(name) == FromLocation(name, Path(name))  # a name here, else a relative path
+    assert parse_warm_start("/runs/a/checkpoints") == FromLocation(None, Path("/runs/a/checkpoints"))
+    assert parse_warm_start("ckpt-7") == FromLocation(None, Path("ckpt-7"))  # not 12 digits: only a path
+    assert parse_warm_start("dailies") == FromLocation(None, Path("dailies"))
+
+
+# Not in date order: the planners must not depend on the order pointers were listed in.
+POINTERS = {
+    date(2024, 3, 2): checkpoint_name(5),
+    date(2024, 3, 1): checkpoint_name(1),
+    date(2024, 3, 3): checkpoint_name(9),
+}
+
+
+def test_daily_pointer_of_a_given_day() -> None:
+    assert daily_pointer(POINTERS, "2024-03-01") == checkpoint_name(1)
+    with pytest.raises(CheckpointNotFoundError, match="no daily pointer for 2024-02-29"):
+        daily_pointer(POINTERS, "2024-02-29")
+    with pytest.raises(ValueError):
+        daily_pointer(POINTERS, "yesterday")
+
+
+def test_daily_fallback_is_newest_day_first() -> None:
+    assert daily_fallback_order(POINTERS) == [
+        (date(2024, 3, 3), checkpoint_name(9)),
+        (date(2024, 3, 2), checkpoint_name(5)),
+        (date(2024, 3, 1), checkpoint_name(1)),
+    ]
+    assert daily_fallback_order({}) == []
