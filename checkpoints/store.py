@@ -44,7 +44,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -84,6 +84,7 @@ from .manifest import (
 from .recovery import CleanupOp, plan_cleanup
 from .reader import Checkpoint, CheckpointStatus, check_dir, load_dir, read_manifest
 from .retention import plan_retention
+from .rollback import plan_rollback
 from .warm_start import FromDaily, daily_fallback_order, daily_pointer, parse_warm_start
 
 logger = logging.getLogger(__name__)
@@ -319,10 +320,7 @@ class CheckpointStore:
             keep_last=self.config.keep_last,
             keep_daily=self.config.keep_daily,
         )
-        for day in plan.expired_days:
-            self._fs.remove_file(self.root / DAILY_DIR / day.isoformat())
-        if plan.expired_days:
-            self._fs.fsync_dir(self.root / DAILY_DIR)
+        self._remove_daily_pointers(plan.expired_days)
         doomed = []
         for name in plan.delete:
             trash = self.root / f"{TRASH_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
@@ -463,24 +461,18 @@ class CheckpointStore:
         if not status.intact:
             raise CheckpointCorruptError(name, status.problems)
         previous = self._latest_pointer()
-        newer = [n for n in self._names() if n > name]  # fixed-width names sort by step
+        names = self._names()
         try:
             self._fs.write_pointer(self.root / LATEST_FILE, name)
-            self._drop_daily_pointers_to(set(newer))
-            moved_to = self._move_aside(newer) if newer else None
+            plan = plan_rollback(name, names, self.daily_pointers())
+            self._remove_daily_pointers(plan.drop_days)
+            moved_to = self._move_aside(plan.move) if plan.move else None
         except OSError as exc:
             raise CheckpointWriteError(f"rollback to {name} failed: {exc}", errno=exc.errno or None) from exc
-        logger.warning("rolled back LATEST %s -> %s; moved %s to %s", previous, name, newer, moved_to)
-        return RollbackResult(latest=name, previous=previous, moved=tuple(newer), moved_to=moved_to)
+        logger.warning("rolled back LATEST %s -> %s; moved %s to %s", previous, name, list(plan.move), moved_to)
+        return RollbackResult(latest=name, previous=previous, moved=plan.move, moved_to=moved_to)
 
-    def _drop_daily_pointers_to(self, names: set[str]) -> None:
-        stale = [day for day, target in self.daily_pointers().items() if target in names]
-        for day in stale:
-            self._fs.remove_file(self.root / DAILY_DIR / day.isoformat())
-        if stale:
-            self._fs.fsync_dir(self.root / DAILY_DIR)
-
-    def _move_aside(self, names: list[str]) -> Path:
+    def _move_aside(self, names: Sequence[str]) -> Path:
         stamp = datetime.fromtimestamp(self._clock(), tz=timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         parent = self.root / ROLLED_BACK_DIR
         if not parent.exists():
@@ -538,6 +530,13 @@ class CheckpointStore:
             if cleanup.restore_as is not None:
                 present.add(cleanup.restore_as)
             logger.info("cleaned up %s left by an interrupted operation", path)
+
+    def _remove_daily_pointers(self, days: Sequence[date]) -> None:
+        """Retention's expired days, a rollback's pointers to moved checkpoints."""
+        for day in days:
+            self._fs.remove_file(self.root / DAILY_DIR / day.isoformat())
+        if days:
+            self._fs.fsync_dir(self.root / DAILY_DIR)
 
     def _discard(self, path: Path | None) -> None:
         if path is not None and path.exists():

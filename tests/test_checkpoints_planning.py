@@ -1,4 +1,4 @@
-"""The checkpoint store's pure planners: decisions from names, pointers and manifests alone.
+"""The checkpoint store's pure planners: decisions from names and pointers alone.
 
 No disk anywhere in this file: that is what the planners are for. The store tests
 (``test_checkpoints*.py``) prove that the store applies these plans to real files.
@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from checkpoints import CheckpointNotFoundError, Skipped, checkpoint_name
 from checkpoints.fallback import LoadOrder, plan_load_order
 from checkpoints.recovery import Cleanup, CleanupOp, plan_cleanup
+from checkpoints.rollback import RollbackPlan, plan_rollback
 from checkpoints.warm_start import FromDaily, FromLocation, daily_fallback_order, daily_pointer, parse_warm_start
 
 # ------------------------------------------------------------------- recovery
@@ -125,3 +126,28 @@ def test_daily_fallback_is_newest_day_first() -> None:
         (date(2024, 3, 1), checkpoint_name(1)),
     ]
     assert daily_fallback_order({}) == []
+
+
+# ------------------------------------------------------------------- rollback
+
+
+def test_rollback_moves_every_newer_checkpoint_and_drops_their_daily_pointers() -> None:
+    names = [checkpoint_name(s) for s in (1, 5, 9, 10)]
+    plan = plan_rollback(checkpoint_name(5), names, POINTERS)
+    assert plan.move == (checkpoint_name(9), checkpoint_name(10))  # 10 after 9: step order, not text length
+    assert plan.drop_days == (date(2024, 3, 3),)  # 2024-03-03 named ckpt 9; the others stay
+
+
+def test_rollback_to_the_newest_changes_nothing_else() -> None:
+    names = [checkpoint_name(s) for s in (1, 5, 9)]
+    assert plan_rollback(checkpoint_name(9), names, POINTERS) == RollbackPlan(move=(), drop_days=())
+
+
+def test_rollback_drops_every_pointer_to_a_moved_checkpoint_in_day_order() -> None:
+    daily = {
+        date(2024, 3, 9): checkpoint_name(3),
+        date(2024, 3, 4): checkpoint_name(2),
+        date(2024, 3, 1): checkpoint_name(1),
+    }
+    plan = plan_rollback(checkpoint_name(1), [checkpoint_name(s) for s in (1, 2, 3)], daily)
+    assert plan.drop_days == (date(2024, 3, 4), date(2024, 3, 9))
