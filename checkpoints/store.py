@@ -50,9 +50,7 @@ from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
-import orjson
-
-from .codec import EncodedState, encode_state
+from .codec import EncodedState
 from .config import CheckpointConfig
 from .errors import (
     CheckpointCorruptError,
@@ -76,15 +74,14 @@ from .manifest import (
     ComponentEntry,
     FileEntry,
     Manifest,
-    check_component_name,
-    checkpoint_name,
     component_files,
     parse_step,
 )
-from .recovery import CleanupOp, plan_cleanup
 from .reader import Checkpoint, CheckpointStatus, check_dir, load_dir, read_manifest
+from .recovery import CleanupOp, plan_cleanup
 from .retention import plan_retention
 from .rollback import plan_rollback
+from .save_plan import plan_save, same_content
 from .warm_start import FromDaily, daily_fallback_order, daily_pointer, parse_warm_start
 
 logger = logging.getLogger(__name__)
@@ -193,23 +190,21 @@ class CheckpointStore:
         stays intact and loadable, the temporary directory is removed).
         """
         self._require_writable()
-        name = checkpoint_name(step)
-        encoded = _encode_components(components)
-        template = Manifest(
-            step=step,
-            wall_time=self._clock(),
+        plan = plan_save(
+            step,
+            components,
+            offsets=offsets,
             watermark=watermark,
-            offsets={topic: dict(parts) for topic, parts in offsets.items()},
             config_hash=config_hash,
-            parent=None,
-            components={},
-            files=[],
-            extra=_json_checked(dict(extra_meta or {})),
+            extra_meta=extra_meta,
+            clock=self._clock,
         )
+        name = plan.name
         tmp = self.root / f"{TMP_PREFIX}{step}-{uuid.uuid4().hex[:8]}"
         aside = None
         try:
-            manifest = self._write_tmp(tmp, encoded, template.model_copy(update={"parent": self._parent_for(name)}))
+            template = plan.template.model_copy(update={"parent": self._parent_for(name)})
+            manifest = self._write_tmp(tmp, plan.encoded, template)
             existing = self._identical_existing(name, manifest)
             if existing is None:
                 aside = self._move_into_place(tmp, name)
@@ -262,7 +257,7 @@ class CheckpointStore:
         if not final.exists():
             return None
         existing = check_dir(final, full=True)
-        if existing.manifest is not None and existing.intact and _same_content(existing.manifest, manifest):
+        if existing.manifest is not None and existing.intact and same_content(existing.manifest, manifest):
             return existing.manifest
         return None
 
@@ -553,38 +548,6 @@ class CheckpointStore:
             warnings.append(f"{what}: {exc}")
             logger.warning("after commit, %s failed: %s", what, exc)
             return None
-
-
-def _encode_components(components: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple[int, EncodedState]]:
-    """Validate names and format versions and encode every state, before any disk write."""
-    if not components:
-        raise ValueError("a checkpoint needs at least one component")
-    out = {}
-    for name, state in components.items():
-        check_component_name(name)
-        version = state.get("format_version") if isinstance(state, Mapping) else None
-        if not isinstance(version, int) or isinstance(version, bool):
-            raise ValueError(f"component {name!r}: state must carry an int 'format_version'")
-        out[name] = (version, encode_state(state))
-    return out
-
-
-def _json_checked(meta: dict[str, Any]) -> dict[str, Any]:
-    try:
-        orjson.dumps(meta)
-    except orjson.JSONEncodeError as exc:
-        raise TypeError(f"extra_meta is not JSON-serialisable: {exc}") from exc
-    return meta
-
-
-def _same_content(a: Manifest, b: Manifest) -> bool:
-    """Same checkpoint in all but the wall time of the save."""
-
-    def key(m: Manifest) -> tuple[Any, ...]:
-        files = sorted((f.path, f.bytes, f.sha256) for f in m.files)
-        return (m.format_version, m.step, m.watermark, m.offsets, m.config_hash, m.parent, m.extra, m.components, files)
-
-    return key(a) == key(b)
 
 
 def _restore(aside: Path, final: Path) -> None:

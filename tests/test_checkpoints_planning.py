@@ -8,15 +8,19 @@ from __future__ import annotations
 
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from checkpoints import CheckpointNotFoundError, Skipped, checkpoint_name
+from checkpoints import CheckpointNotFoundError, Manifest, Skipped, checkpoint_name
 from checkpoints.fallback import LoadOrder, plan_load_order
+from checkpoints.manifest import ComponentEntry, FileEntry
 from checkpoints.recovery import Cleanup, CleanupOp, plan_cleanup
 from checkpoints.rollback import RollbackPlan, plan_rollback
+from checkpoints.save_plan import plan_save, same_content
 from checkpoints.warm_start import FromDaily, FromLocation, daily_fallback_order, daily_pointer, parse_warm_start
 
 # ------------------------------------------------------------------- recovery
@@ -151,3 +155,64 @@ def test_rollback_drops_every_pointer_to_a_moved_checkpoint_in_day_order() -> No
     }
     plan = plan_rollback(checkpoint_name(1), [checkpoint_name(s) for s in (1, 2, 3)], daily)
     assert plan.drop_days == (date(2024, 3, 4), date(2024, 3, 9))
+
+
+# ----------------------------------------------------------------------- save
+
+
+def test_save_plan_holds_everything_but_what_writing_decides() -> None:
+    offsets = {"events": {1: 7, 0: 10}}
+    plan = plan_save(
+        12,
+        {"dense": {"format_version": 3, "w": torch.ones(2)}, "joiner": {"format_version": 1, "pending": []}},
+        offsets=offsets,
+        watermark=5000,
+        config_hash="cfg",
+        extra_meta={"run": "a"},
+        clock=lambda: 1709287200.0,
+    )
+    assert plan.name == checkpoint_name(12)
+    assert {c: (v, sorted(s.tensors)) for c, (v, s) in plan.encoded.items()} == {"dense": (3, ["w"]), "joiner": (1, [])}
+    t = plan.template
+    assert (t.step, t.wall_time, t.watermark, t.config_hash, t.extra) == (12, 1709287200.0, 5000, "cfg", {"run": "a"})
+    assert (t.parent, t.components, t.files) == (None, {}, [])
+    assert t.offsets == offsets and t.offsets["events"] is not offsets["events"]  # a copy, not the caller's dict
+
+
+def test_save_plan_refuses_a_step_outside_the_name_format() -> None:
+    components = {"x": {"format_version": 1}}
+    with pytest.raises(ValueError, match="outside"):
+        plan_save(10**12, components, offsets={}, watermark=None, config_hash="c", extra_meta=None, clock=lambda: 0.0)
+
+
+def _manifest(**changes: Any) -> Manifest:
+    base = Manifest(
+        step=2,
+        wall_time=100.0,
+        watermark=2000,
+        offsets={"events": {0: 2}},
+        config_hash="cfg",
+        parent=checkpoint_name(1),
+        components={"dense": ComponentEntry(format_version=1, files=["dense.json"])},
+        files=[
+            FileEntry(path="dense.json", bytes=10, sha256="a" * 64),
+            FileEntry(path="x.json", bytes=1, sha256="b" * 64),
+        ],
+    )
+    return base.model_copy(update=changes)
+
+
+def test_same_content_ignores_only_the_wall_time_and_file_order() -> None:
+    a = _manifest()
+    assert same_content(a, _manifest(wall_time=999.0))
+    assert same_content(a, _manifest(files=list(reversed(a.files))))
+    for different in [
+        _manifest(files=[a.files[0].model_copy(update={"sha256": "c" * 64}), a.files[1]]),
+        _manifest(offsets={"events": {0: 3}}),
+        _manifest(parent=None),
+        _manifest(watermark=None),
+        _manifest(config_hash="other"),
+        _manifest(extra={"k": 1}),
+        _manifest(components={"dense": ComponentEntry(format_version=2, files=["dense.json"])}),
+    ]:
+        assert not same_content(a, different), different
