@@ -1,5 +1,13 @@
 """The checkpoint store: atomic save, verified load with fallback, retention, pointers.
 
+This module performs the I/O, through :class:`~checkpoints.fsio.FileSystem` (the seam
+where tests inject failures). What to do is decided by pure functions beside it, which
+read no disk and are tested without one: ``save_plan`` (what a save writes; whether a
+same-step re-save keeps the existing directory), ``recovery`` (leftovers of crashed
+operations), ``fallback`` (load order), ``warm_start`` (warm-start specs), ``retention``
+and ``rollback``. ``lock`` holds the writer's flock; ``reader`` verifies and loads one
+directory.
+
 Layout (DESIGN.md §5)::
 
     <root>/ckpt-<step:012d>/MANIFEST.json + <component>.safetensors + <component>.json
@@ -21,10 +29,10 @@ Decisions:
 * **Same step saved twice** (a replay after a crash re-saves a step whose directory was
   renamed into place before ``LATEST`` moved): if the existing directory is intact and
   holds the same thing (manifest equal but for the wall time: same files' sha256, offsets,
-  watermark, config hash, parent, extra), it is kept and only ``LATEST`` is pointed at it. Otherwise it is renamed to
-  ``.replaced-<name>-<rand>``, the new one renamed into place, and the old one deleted;
-  a writer opening the store puts a ``.replaced-`` directory back if a crash left its
-  name empty.
+  watermark, config hash, parent, extra), it is kept and only ``LATEST`` is pointed at it.
+  Otherwise it is renamed to ``.replaced-<name>-<rand>``, the new one renamed into place,
+  and the old one deleted; a writer opening the store puts a ``.replaced-`` directory back
+  if a crash left its name empty (``recovery``).
 * **Daily pointer** = the *first* checkpoint committed on each UTC day (by the store's
   clock): written once, never moved, so a warm start from ``daily`` is stable all day.
 * **Rollback** points ``LATEST`` at an older intact checkpoint, removes daily pointers
