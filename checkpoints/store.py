@@ -1,5 +1,13 @@
 """The checkpoint store: atomic save, verified load with fallback, retention, pointers.
 
+This module performs the I/O, through :class:`~checkpoints.fsio.FileSystem` (the seam
+where tests inject failures). What to do is decided by pure functions beside it, which
+read no disk and are tested without one: ``save_plan`` (what a save writes; whether a
+same-step re-save keeps the existing directory), ``recovery`` (leftovers of crashed
+operations), ``fallback`` (load order), ``warm_start`` (warm-start specs), ``retention``
+and ``rollback``. ``lock`` holds the writer's flock; ``reader`` verifies and loads one
+directory.
+
 Layout (DESIGN.md §5)::
 
     <root>/ckpt-<step:012d>/MANIFEST.json + <component>.safetensors + <component>.json
@@ -21,10 +29,10 @@ Decisions:
 * **Same step saved twice** (a replay after a crash re-saves a step whose directory was
   renamed into place before ``LATEST`` moved): if the existing directory is intact and
   holds the same thing (manifest equal but for the wall time: same files' sha256, offsets,
-  watermark, config hash, parent, extra), it is kept and only ``LATEST`` is pointed at it. Otherwise it is renamed to
-  ``.replaced-<name>-<rand>``, the new one renamed into place, and the old one deleted;
-  a writer opening the store puts a ``.replaced-`` directory back if a crash left its
-  name empty.
+  watermark, config hash, parent, extra), it is kept and only ``LATEST`` is pointed at it.
+  Otherwise it is renamed to ``.replaced-<name>-<rand>``, the new one renamed into place,
+  and the old one deleted; a writer opening the store puts a ``.replaced-`` directory back
+  if a crash left its name empty (``recovery``).
 * **Daily pointer** = the *first* checkpoint committed on each UTC day (by the store's
   clock): written once, never moved, so a warm start from ``daily`` is stable all day.
 * **Rollback** points ``LATEST`` at an older intact checkpoint, removes daily pointers
@@ -40,31 +48,29 @@ Decisions:
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
-import orjson
-
-from .codec import EncodedState, encode_state
+from .codec import EncodedState
 from .config import CheckpointConfig
 from .errors import (
     CheckpointCorruptError,
     CheckpointError,
-    CheckpointLockedError,
     CheckpointNotFoundError,
     CheckpointWriteError,
     NoIntactCheckpointError,
     Skipped,
 )
+from .fallback import plan_load_order
 from .fsio import FileSystem
+from .lock import LOCK_FILE, WriterLock
 from .manifest import (
     DAILY_DIR,
     LATEST_FILE,
@@ -76,13 +82,15 @@ from .manifest import (
     ComponentEntry,
     FileEntry,
     Manifest,
-    check_component_name,
-    checkpoint_name,
     component_files,
     parse_step,
 )
 from .reader import Checkpoint, CheckpointStatus, check_dir, load_dir, read_manifest
+from .recovery import CleanupOp, plan_cleanup
 from .retention import plan_retention
+from .rollback import plan_rollback
+from .save_plan import plan_save, same_content
+from .warm_start import FromDaily, daily_fallback_order, daily_pointer, parse_warm_start
 
 logger = logging.getLogger(__name__)
 
@@ -146,19 +154,19 @@ class CheckpointStore:
         self.readonly = readonly
         self._clock = clock
         self._fs = fs if fs is not None else FileSystem(fsync=self.config.fsync)
-        self._lock_fd: int | None = None
+        self._lock: WriterLock | None = None
         if not readonly:
             self.root.mkdir(parents=True, exist_ok=True)
-            self._lock_fd = _acquire_lock(self.root / ".lock")
+            self._lock = WriterLock(self.root / LOCK_FILE)
             self._recover()
 
     # ----------------------------------------------------------------- lifecycle
 
     def close(self) -> None:
         """Release the writer lock (idempotent)."""
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def __enter__(self) -> CheckpointStore:
         return self
@@ -190,23 +198,21 @@ class CheckpointStore:
         stays intact and loadable, the temporary directory is removed).
         """
         self._require_writable()
-        name = checkpoint_name(step)
-        encoded = _encode_components(components)
-        template = Manifest(
-            step=step,
-            wall_time=self._clock(),
+        plan = plan_save(
+            step,
+            components,
+            offsets=offsets,
             watermark=watermark,
-            offsets={topic: dict(parts) for topic, parts in offsets.items()},
             config_hash=config_hash,
-            parent=None,
-            components={},
-            files=[],
-            extra=_json_checked(dict(extra_meta or {})),
+            extra_meta=extra_meta,
+            clock=self._clock,
         )
+        name = plan.name
         tmp = self.root / f"{TMP_PREFIX}{step}-{uuid.uuid4().hex[:8]}"
         aside = None
         try:
-            manifest = self._write_tmp(tmp, encoded, template.model_copy(update={"parent": self._parent_for(name)}))
+            template = plan.template.model_copy(update={"parent": self._parent_for(name)})
+            manifest = self._write_tmp(tmp, plan.encoded, template)
             existing = self._identical_existing(name, manifest)
             if existing is None:
                 aside = self._move_into_place(tmp, name)
@@ -259,7 +265,7 @@ class CheckpointStore:
         if not final.exists():
             return None
         existing = check_dir(final, full=True)
-        if existing.manifest is not None and existing.intact and _same_content(existing.manifest, manifest):
+        if existing.manifest is not None and existing.intact and same_content(existing.manifest, manifest):
             return existing.manifest
         return None
 
@@ -317,10 +323,7 @@ class CheckpointStore:
             keep_last=self.config.keep_last,
             keep_daily=self.config.keep_daily,
         )
-        for day in plan.expired_days:
-            self._fs.remove_file(self.root / DAILY_DIR / day.isoformat())
-        if plan.expired_days:
-            self._fs.fsync_dir(self.root / DAILY_DIR)
+        self._remove_daily_pointers(plan.expired_days)
         doomed = []
         for name in plan.delete:
             trash = self.root / f"{TRASH_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
@@ -365,18 +368,9 @@ class CheckpointStore:
 
     def _first_intact(self, attempt: Callable[[Path], T]) -> tuple[T, tuple[Skipped, ...]]:
         latest = self._latest_pointer()
-        names = self._names()
-        skipped: list[Skipped] = []
-        if latest is None:
-            if names:
-                skipped.append(Skipped(LATEST_FILE, "missing"))
-        elif latest not in names:
-            skipped.append(Skipped(LATEST_FILE, f"names {latest!r}, which is not a checkpoint here"))
-        candidates = sorted(names, reverse=True)
-        if latest in names:
-            candidates.remove(latest)
-            candidates.insert(0, latest)
-        for candidate in candidates:
+        order = plan_load_order(self._names(), latest)
+        skipped = list(order.skipped)
+        for candidate in order.candidates:
             try:
                 result = attempt(self.root / candidate)
             except CheckpointCorruptError as exc:
@@ -385,7 +379,7 @@ class CheckpointStore:
             for s in skipped:
                 logger.warning("skipped %s: %s", s.name, s.reason)
             return result, tuple(skipped)
-        if not names:
+        if not order.candidates:
             raise CheckpointNotFoundError(f"no checkpoint under {self.root}")
         raise NoIntactCheckpointError(skipped)
 
@@ -396,11 +390,12 @@ class CheckpointStore:
         ``"daily:YYYY-MM-DD"``, a checkpoint name in this store, or a path: a checkpoint
         directory, or another store's root (its newest intact checkpoint, read-only).
         """
-        if spec == "daily" or spec.startswith("daily:"):
-            return self._warm_start_daily(spec.partition(":")[2] or None)
-        if parse_step(spec) is not None and (self.root / spec).is_dir():
-            return self.load(spec)
-        path = Path(spec)
+        target = parse_warm_start(spec)
+        if isinstance(target, FromDaily):
+            return self._warm_start_daily(target.day)
+        if target.name is not None and (self.root / target.name).is_dir():
+            return self.load(target.name)
+        path = target.path
         if (path / MANIFEST_FILE).is_file():
             return load_dir(path)
         if (path / LATEST_FILE).is_file() or any(parse_step(p.name) is not None for p in _subdirs(path)):
@@ -410,13 +405,9 @@ class CheckpointStore:
     def _warm_start_daily(self, day: str | None) -> Checkpoint:
         pointers = self.daily_pointers()
         if day is not None:
-            wanted = date.fromisoformat(day)
-            if wanted not in pointers:
-                raise CheckpointNotFoundError(f"no daily pointer for {day}")
-            return self.load(pointers[wanted])
+            return self.load(daily_pointer(pointers, day))
         skipped = []
-        for pointed_day in sorted(pointers, reverse=True):
-            name = pointers[pointed_day]
+        for pointed_day, name in daily_fallback_order(pointers):
             try:
                 ckpt = self.load(name)
             except (CheckpointCorruptError, CheckpointNotFoundError) as exc:
@@ -473,24 +464,18 @@ class CheckpointStore:
         if not status.intact:
             raise CheckpointCorruptError(name, status.problems)
         previous = self._latest_pointer()
-        newer = [n for n in self._names() if n > name]  # fixed-width names sort by step
+        names = self._names()
         try:
             self._fs.write_pointer(self.root / LATEST_FILE, name)
-            self._drop_daily_pointers_to(set(newer))
-            moved_to = self._move_aside(newer) if newer else None
+            plan = plan_rollback(name, names, self.daily_pointers())
+            self._remove_daily_pointers(plan.drop_days)
+            moved_to = self._move_aside(plan.move) if plan.move else None
         except OSError as exc:
             raise CheckpointWriteError(f"rollback to {name} failed: {exc}", errno=exc.errno or None) from exc
-        logger.warning("rolled back LATEST %s -> %s; moved %s to %s", previous, name, newer, moved_to)
-        return RollbackResult(latest=name, previous=previous, moved=tuple(newer), moved_to=moved_to)
+        logger.warning("rolled back LATEST %s -> %s; moved %s to %s", previous, name, list(plan.move), moved_to)
+        return RollbackResult(latest=name, previous=previous, moved=plan.move, moved_to=moved_to)
 
-    def _drop_daily_pointers_to(self, names: set[str]) -> None:
-        stale = [day for day, target in self.daily_pointers().items() if target in names]
-        for day in stale:
-            self._fs.remove_file(self.root / DAILY_DIR / day.isoformat())
-        if stale:
-            self._fs.fsync_dir(self.root / DAILY_DIR)
-
-    def _move_aside(self, names: list[str]) -> Path:
+    def _move_aside(self, names: Sequence[str]) -> Path:
         stamp = datetime.fromtimestamp(self._clock(), tz=timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         parent = self.root / ROLLED_BACK_DIR
         if not parent.exists():
@@ -521,30 +506,40 @@ class CheckpointStore:
         return _read_pointer(self.root / LATEST_FILE)
 
     def _require_writable(self) -> None:
-        if self._lock_fd is None:
+        if self._lock is None:
             raise CheckpointError(f"store {self.root} is read-only or closed")
 
     def _recover(self) -> None:
-        """Remove what crashed saves, deletions and pointer writes left behind."""
+        """Remove (or put back) what crashed saves, deletions and pointer writes left behind."""
+        # What exists in the root, kept up to date below: each decision sees what the
+        # clean-ups before it actually did (a failed one changed nothing).
+        present = {p.name for p in self.root.iterdir() if p.exists()}
         for path in [*_subdirs(self.root), *_files(self.root), *_files(self.root / DAILY_DIR)]:
-            name = path.name
+            cleanup = plan_cleanup(path.name, is_file=path.is_file(), present=present)
+            if cleanup is None:
+                continue
             try:
-                if name.startswith((TMP_PREFIX, TRASH_PREFIX)):
+                if cleanup.restore_as is not None:  # CleanupOp.RESTORE
+                    self._fs.rename(path, self.root / cleanup.restore_as)
+                elif cleanup.op is CleanupOp.REMOVE_TREE:
                     self._fs.remove_tree(path)
-                elif name.startswith(REPLACED_PREFIX):
-                    original = self.root / name[len(REPLACED_PREFIX) :].rsplit("-", 1)[0]
-                    if original.exists():
-                        self._fs.remove_tree(path)
-                    else:
-                        self._fs.rename(path, original)
-                elif name.startswith(".") and ".tmp-" in name and path.is_file():
-                    self._fs.remove_file(path)  # a pointer write that never got renamed
                 else:
-                    continue
+                    self._fs.remove_file(path)
             except OSError as exc:
                 logger.warning("could not clean up %s: %s", path, exc)
                 continue
+            if path.parent == self.root:
+                present.discard(path.name)
+            if cleanup.restore_as is not None:
+                present.add(cleanup.restore_as)
             logger.info("cleaned up %s left by an interrupted operation", path)
+
+    def _remove_daily_pointers(self, days: Sequence[date]) -> None:
+        """Retention's expired days, a rollback's pointers to moved checkpoints."""
+        for day in days:
+            self._fs.remove_file(self.root / DAILY_DIR / day.isoformat())
+        if days:
+            self._fs.fsync_dir(self.root / DAILY_DIR)
 
     def _discard(self, path: Path | None) -> None:
         if path is not None and path.exists():
@@ -563,53 +558,11 @@ class CheckpointStore:
             return None
 
 
-def _encode_components(components: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple[int, EncodedState]]:
-    """Validate names and format versions and encode every state, before any disk write."""
-    if not components:
-        raise ValueError("a checkpoint needs at least one component")
-    out = {}
-    for name, state in components.items():
-        check_component_name(name)
-        version = state.get("format_version") if isinstance(state, Mapping) else None
-        if not isinstance(version, int) or isinstance(version, bool):
-            raise ValueError(f"component {name!r}: state must carry an int 'format_version'")
-        out[name] = (version, encode_state(state))
-    return out
-
-
-def _json_checked(meta: dict[str, Any]) -> dict[str, Any]:
-    try:
-        orjson.dumps(meta)
-    except orjson.JSONEncodeError as exc:
-        raise TypeError(f"extra_meta is not JSON-serialisable: {exc}") from exc
-    return meta
-
-
-def _same_content(a: Manifest, b: Manifest) -> bool:
-    """Same checkpoint in all but the wall time of the save."""
-
-    def key(m: Manifest) -> tuple[Any, ...]:
-        files = sorted((f.path, f.bytes, f.sha256) for f in m.files)
-        return (m.format_version, m.step, m.watermark, m.offsets, m.config_hash, m.parent, m.extra, m.components, files)
-
-    return key(a) == key(b)
-
-
 def _restore(aside: Path, final: Path) -> None:
     try:
         os.replace(aside, final)
     except OSError as exc:  # the next writer to open the store restores it
         logger.warning("could not restore %s: %s", final, exc)
-
-
-def _acquire_lock(path: Path) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise CheckpointLockedError(f"{path.parent} is locked by another writer") from None
-    return fd
 
 
 def _read_pointer(path: Path) -> str | None:
