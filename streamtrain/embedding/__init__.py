@@ -5,7 +5,7 @@ This package is a leaf inside ``streamtrain``: it imports nothing from other str
 packages (the nn.Module face lives in ``streamtrain.modules.dynamic_embedding``).
 """
 
-from streamtrain.embedding.cold_tier import ColdTier, RecordCodec
+from streamtrain.embedding.cold_tier import ColdTier, MemoryColdTier, RecordCodec
 from streamtrain.embedding.config import AdmissionConfig, EmbeddingTableConfig, EvictionConfig, RowOptimizerConfig
 from streamtrain.embedding.delta import EmbeddingDelta, push_to_redis, to_arrow, write_parquet
 from streamtrain.embedding.hashmap import TensorHashMap
@@ -22,6 +22,7 @@ __all__ = [
     "EmbeddingTableConfig",
     "EvictionConfig",
     "Lookup",
+    "MemoryColdTier",
     "RecordCodec",
     "RedisColdTier",
     "RowOptimizerConfig",

@@ -1,14 +1,23 @@
 """The cold tier contract: where evicted rows wait for their key's next admission.
 
-A tier only moves bytes (one fixed-size record per key); :class:`RecordCodec` turns
-row tensors into records and back with plain little-endian numpy bytes -- no pickle, so
-a record written by one version is readable by any reader that knows the layout.
+A tier only moves bytes (one fixed-size record per key and version); :class:`RecordCodec`
+turns row tensors into records and back with plain little-endian numpy bytes -- no
+pickle, so a record written by one release is readable by any reader that knows the layout.
+
+Versions make the tier replay-safe. A table writes and reads at its own step counter
+(``EmbeddingTable.step``, part of its checkpoint), and a read never deletes. A read at
+step ``t`` sees, per key, the record with the largest version ``<= t``: exactly the
+latest record an uninterrupted run had written when it read that key, whatever a killed
+process wrote after the checkpoint a replay restarted from (later versions are invisible
+to the replay until it rewrites them byte for byte; see docs/architecture.md, "Dynamic
+embeddings"). Garbage goes only when :meth:`ColdTier.retain_from` says no restore can
+read below a step any more.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -22,13 +31,62 @@ _HEADER = np.dtype("<u8")
 
 
 class ColdTier(Protocol):
-    """A key -> bytes store with batch operations; implementations own their IO errors."""
+    """A versioned key -> bytes store with batch operations; implementations own their IO errors.
 
-    def put(self, keys: Sequence[int], records: Sequence[bytes]) -> None:
-        """Store one record per key, replacing any previous one."""
+    Called from the table's thread only: ``put`` / ``get`` during training steps,
+    ``retain_from`` between steps (after a checkpoint commit).
+    """
 
-    def take(self, keys: Sequence[int]) -> list[bytes | None]:
-        """Fetch and delete each key's record; ``None`` where there is none."""
+    def put(self, keys: Sequence[int], records: Sequence[bytes], step: int) -> None:
+        """Store each key's record as its version ``step`` (replacing only that version)."""
+
+    def get(self, keys: Sequence[int], step: int) -> list[bytes | None]:
+        """Each key's record with the largest version ``<= step``; ``None`` where there is none.
+
+        Deletes nothing: a replay from an older checkpoint must find what this read found.
+        """
+
+    def retain_from(self, step: int) -> None:
+        """No read will ask for a step below ``step`` any more (it is the table step of the
+        oldest checkpoint still retained): drop, per key, the versions older than its newest
+        version ``<= step`` -- no read at ``>= step`` can return them."""
+
+
+def version_at(versions: Collection[int], step: int) -> int | None:
+    """The version a read at ``step`` returns: the largest ``<= step`` (None: a miss)."""
+    return max((v for v in versions if v <= step), default=None)
+
+
+def garbage(versions: Collection[int], step: int) -> list[int]:
+    """Versions no read at ``>= step`` can return: those older than :func:`version_at` ``(step)``."""
+    keep = version_at(versions, step)
+    return [] if keep is None else [v for v in versions if v < keep]
+
+
+class MemoryColdTier:
+    """The contract in process memory: its reference semantics (the Redis tier is tested
+    against it) and a fake for table tests. Holds every record it is given: not for
+    production tables, which spill precisely because rows do not fit in memory."""
+
+    def __init__(self) -> None:
+        self.versions: dict[int, dict[int, bytes]] = {}  # key -> {step: record}
+
+    def put(self, keys: Sequence[int], records: Sequence[bytes], step: int) -> None:
+        for key, record in zip(keys, records, strict=True):
+            self.versions.setdefault(key, {})[step] = record
+
+    def get(self, keys: Sequence[int], step: int) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        for key in keys:
+            versions = self.versions.get(key, {})
+            at = version_at(versions, step)
+            out.append(None if at is None else versions[at])
+        return out
+
+    def retain_from(self, step: int) -> None:
+        for versions in self.versions.values():
+            for v in garbage(versions, step):
+                del versions[v]
 
 
 class RecordCodec:

@@ -16,6 +16,8 @@ rows are the lowest free row indices, initial rows are a hash of (seed, key), ev
 ties go to the lower row, and the clock is the caller's event time. So a table restored
 from :meth:`state_dict` continues bit-identically to the one that wrote it (on CUDA, also
 set ``torch.use_deterministic_algorithms(True)``: float scatter-adds use atomics there).
+The cold tier is versioned by :attr:`step` (see :meth:`EmbeddingTable._install`), so a
+replay from a checkpoint reads back the same spilled rows the original run read.
 
 Hazards: ``lookup(train=True)`` syncs the device a few times (counts of new keys);
 rows handed out by a training lookup are pinned -- never evicted -- until
@@ -263,7 +265,12 @@ class EmbeddingTable:
         self.touched.index_fill_(0, rows, True)
         fresh = torch.ones_like(keys, dtype=torch.bool)
         if self.cold_tier is not None:
-            found, values = self._codec.decode(self.cold_tier.take(keys.tolist()), self.device)
+            # Read at this step: the newest record <= step is the key's latest spill before
+            # now. Spills happen at the step they run in (room eviction, before any read of
+            # the key this step) or at step+1 (the periodic pass in _end_step, after the
+            # increment); a key read now stays pinned to the end of the step. So per key, all
+            # writes <= step precede this read and all later ones follow it, in every run.
+            found, values = self._codec.decode(self.cold_tier.get(keys.tolist(), self.step), self.device)
             back = rows[found]
             self.weight.index_copy_(0, back, values["weight"])
             self.freq.index_copy_(0, back, values["freq"])
@@ -287,7 +294,7 @@ class EmbeddingTable:
         if self.cold_tier is not None:
             values = {"weight": gather_rows(self.weight, rows), "freq": gather_rows(self.freq, rows)}
             values |= {f"slot.{n}": gather_rows(s, rows) for n, s in self.slots.items()}
-            self.cold_tier.put(keys.tolist(), self._codec.encode(values))
+            self.cold_tier.put(keys.tolist(), self._codec.encode(values), self.step)  # version: see _install
             self.counters.spills += rows.numel()
         self._map.remove(keys)
         self.row_keys.index_fill_(0, rows, 0)
