@@ -4,6 +4,7 @@ A leaf package: it knows nothing about models, Kafka or monitors. Callers hand i
 ``{component_name: state_dict}`` plus the Kafka offsets and watermark of the cut.
 """
 
+from .compare import state_differences
 from .config import CheckpointConfig
 from .errors import (
     CheckpointCorruptError,
@@ -44,4 +45,5 @@ __all__ = [
     "ledger_chain",
     "ledger_ids",
     "ledger_state",
+    "state_differences",
 ]

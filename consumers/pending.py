@@ -69,7 +69,11 @@ class SamplePool:
         return {name: self.cols[name][rows] for name in SAMPLE_FIELDS}
 
     def state_dict(self) -> dict[str, Any]:
+        """The live samples in a canonical order (event time, then sample id): which row a
+        sample sits in depends on the pool's history, not on its content, and a restored
+        pool packs its rows anew — the state must not carry that layout."""
         rows = np.flatnonzero(self.live)
+        rows = rows[np.lexsort((self.cols["sample_id"][rows], self.cols["ts"][rows]))]
         return {"format_version": FORMAT_VERSION, "dims": dict(self.dims),
                 "columns": {name: col[rows] for name, col in self.cols.items()}}
 

@@ -3,7 +3,8 @@
 A fixed, seeded event log is trained once uninterrupted (the reference). Every other run
 here is disturbed — SIGKILLed at several moments (one of them mid-checkpoint-write),
 stopped by SIGTERM and resumed, starved by a SIGSTOPped broker, restarted on a corrupted
-latest checkpoint — and must end with weights bit-identical to the reference and a
+latest checkpoint — and must end in the state of the reference, every value of every
+component bit for bit (but what NOT_REPLAYED names, with its reason), and a
 ledger chain holding every trained sample id exactly once.
 """
 
@@ -17,9 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from checkpoints import ledger_chain
+from checkpoints import ledger_chain, state_differences
 from daemon_harness import final_state, produce_log, start_daemon, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -53,16 +53,23 @@ def _run_to_end(config: Path, log: Path, samples: int = TARGET_SAMPLES) -> None:
     assert proc.wait(timeout=240) == 0, log.read_text()[-3000:]
 
 
+# What a disturbed run may hold differently from the uninterrupted one, and why. Everything
+# else — every tensor and value of the trainer (weights, Adam moments, table rows, keys,
+# optimizer slots, scores, admission sketch, RNG), pipeline, buffer, monitors, gate and
+# releases — must be identical, bit for bit.
+NOT_REPLAYED = {
+    "monitors.gate.last_transition.wall_time": "wall-clock stamp for alert timestamps, never used in decisions",
+    "ledger": "ids trained since the parent checkpoint, whose parents differ between runs: the whole chain is "
+              "compared instead",
+}
+
+
 def assert_same_as_reference(run_dir: Path, reference_dir: Path, what: object) -> None:
     reference, got = final_state(reference_dir), final_state(run_dir)
     assert got.components["trainer"]["samples"] == reference.components["trainer"]["samples"] == TARGET_SAMPLES
-    ref_dense, got_dense = reference.components["trainer"]["dense"], got.components["trainer"]["dense"]
-    assert ref_dense.keys() == got_dense.keys()
-    mismatched = [k for k in ref_dense if not torch.equal(ref_dense[k], got_dense[k])]
-    assert not mismatched, f"dense weights differ after {what}: {mismatched}"
-    for table, ref_state in reference.components["trainer"]["tables"].items():
-        got_state = got.components["trainer"]["tables"][table]
-        assert torch.equal(ref_state["weight"], got_state["weight"]), f"table {table} rows differ after {what}"
+    differences = state_differences(reference.components, got.components, NOT_REPLAYED)
+    assert not differences, f"state differs from the uninterrupted run after {what}:\n" + "\n".join(differences[:40])
+    assert got.offsets == reference.offsets and got.watermark == reference.watermark
     ref_ids = ledger_chain(reference_dir / "checkpoints").sample_ids()
     got_ids = ledger_chain(run_dir / "checkpoints").sample_ids()
     assert len(got_ids) == TARGET_SAMPLES and len(np.unique(got_ids)) == TARGET_SAMPLES, "a sample trained twice or lost"

@@ -235,7 +235,8 @@ class Daemon:
         try:
             info = self.store.save(self.trainer.steps, components, offsets=self.pipeline.positions(),
                                    watermark=self.pipeline.watermark, config_hash=self.config.config_hash(),
-                                   extra_meta={"reason": reason, "samples": self.trainer.samples})
+                                   extra_meta={"reason": reason, "samples": self.trainer.samples,
+                                               "table_steps": {n: t.table.step for n, t in self.trainer.tables.items()}})
         except CheckpointWriteError as exc:
             self.checkpoint_failures += 1
             delay = self.trigger.failed()
@@ -252,7 +253,22 @@ class Daemon:
         for warning in info.warnings:
             log.warning("checkpoint %s: %s", info.name, warning)
         self.pipeline.commit(self.pipeline.positions())  # lag tools only; the checkpoint is the truth
+        self._collect_cold_tiers()
         return True
+
+    def _collect_cold_tiers(self) -> None:
+        """Let each cold tier drop the row versions no retained checkpoint can read back:
+        those older than what a restore from the oldest retained checkpoint needs (its
+        table step, recorded in every manifest)."""
+        tiers = {n: t.table.cold_tier for n, t in self.trainer.tables.items() if t.table.cold_tier is not None}
+        if not tiers:
+            return
+        manifests = [status.manifest for status in self.store.list_checkpoints()]
+        if not manifests or any(m is None or "table_steps" not in m.extra for m in manifests):
+            log.warning("a retained checkpoint has no readable table steps: cold-tier versions are kept for now")
+            return
+        for name, tier in tiers.items():
+            tier.retain_from(min(int(m.extra["table_steps"][name]) for m in manifests))  # type: ignore[union-attr]
 
     def _publish_pending(self) -> None:
         """Publish the release decided at the last checkpoint's step, naming that checkpoint."""
