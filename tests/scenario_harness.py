@@ -1,6 +1,7 @@
 """Drift scenarios through the real daemon: shared by ``tests/test_drift_scenarios.py`` and
-the ``bench.monitors`` benchmark, which import it as ``tests.scenario_harness`` (both run
-from the repo root with ``python -m``, which puts the root on ``sys.path``).
+the ``bench.monitors`` benchmark, which import it as ``tests.scenario_harness`` from the
+repo root (on ``sys.path`` for ``python -m bench.monitors`` run there, and for pytest by
+``pythonpath`` in ``pyproject.toml``).
 
 A scenario is one seeded simulator log with at most one injected drift (``DriftSpec``),
 produced to its own topic, then trained by an in-process :class:`~streamtrain.daemon.Daemon`

@@ -1,7 +1,7 @@
 """The ``bench`` package imports cleanly, and ``configs/demo.yaml`` is what ``streamtrain demo`` runs.
 
-The benchmarks run as ``python -m bench.<name>`` from the repo root, as this suite does
-(``scripts/test.sh``: ``python -m pytest``), so ``bench`` imports from the root here too.
+The benchmarks run as ``python -m bench.<name>`` from the repo root; pytest puts the root on
+``sys.path`` too (``pythonpath`` in ``pyproject.toml``), so ``bench`` imports the same way here.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import argparse
 import importlib
 import os
 import pkgutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -108,3 +109,16 @@ def test_a_missing_demo_yaml_says_where_it_looked(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(ConfigError, match="source checkout") as info:
         demo_cmd._demo_config(_demo_args(), "127.0.0.1:1", None)
     assert str(missing) in str(info.value)
+
+
+def test_the_demo_command_itself_runs_on_demo_yaml(tmp_path: Path) -> None:
+    """The real entry point, from another directory: a --set that only clashes with the demo's
+    embedding dim (32, from configs/demo.yaml; the built-in default is 64) stops it with a
+    config error before anything starts, on the one table it was set on."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMTRAIN_")}
+    out = subprocess.run([sys.executable, "-m", "streamtrain", "demo", "--set", "embeddings.item.dim=64"],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "embeddings.item.dim must equal model.embedding_dim (32)" in out.stderr
+    assert "embeddings.user.dim" not in out.stderr  # the YAML anchor shares values, not the --set
+    assert not (tmp_path / "runs").exists()
