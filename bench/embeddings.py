@@ -1,6 +1,6 @@
 """Lookup + update throughput of the dynamic embedding table against static and dict tables.
 
-    python bench/embeddings.py [--quick] [--sizes 1000000 10000000] [--steps 30]
+    python -m bench.embeddings [--quick] [--sizes 1000000 10000000] [--steps 30]
 
 One step = map a batch of ids to rows, forward, backward with a fixed upstream
 gradient, and a row-wise Adagrad update. A batch is 4096 samples x (1..50) ids, ids drawn
@@ -33,10 +33,7 @@ N run.
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
-import platform
 import statistics
 import time
 import warnings
@@ -45,6 +42,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from bench.common import announce_quick, interleaved, machine_info, parser, print_result, timed
 from streamtrain.embedding import EmbeddingTableConfig, RowOptimizerConfig
 from streamtrain.embedding.hashing import mix64
 from streamtrain.embedding.optim import RowAdagrad
@@ -179,21 +177,6 @@ def build(n_keys: int) -> dict[str, tuple[Contender, float]]:
     return built
 
 
-def interleaved(calls: dict[str, Callable[[int], object]], steps: dict[str, int]) -> dict[str, list[float]]:
-    """Seconds of call(i) for i < steps[name], contenders in rotating order each step."""
-    names = list(calls)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for name in names:
-        calls[name](0)  # untimed warm-up
-    for i in range(max(steps.values())):
-        for name in names[i % len(names) :] + names[: i % len(names)]:
-            if i < steps[name]:
-                start = time.perf_counter()
-                calls[name](i)
-                times[name].append(time.perf_counter() - start)
-    return times
-
-
 def run_size(n_keys: int, steps: int, slow_steps: int) -> dict[str, float]:
     batches = make_batches(n_keys, steps, seed=n_keys)
     gen = torch.Generator().manual_seed(1)
@@ -204,14 +187,15 @@ def run_size(n_keys: int, steps: int, slow_steps: int) -> dict[str, float]:
     built = build(n_keys)
     counts = {name: slow_steps if name in ("static-torch", "dict") else steps for name in built}
 
-    def stepper(c: Contender) -> Callable[[int], object]:
-        return lambda i: c.step(batches[i], grads[i])
+    def stepper(c: Contender) -> Callable[[int], float]:
+        return timed(lambda i: c.step(batches[i], grads[i]))
 
-    def resolver(c: Contender) -> Callable[[int], object]:
-        return lambda i: c.resolve(batches[i])
+    def resolver(c: Contender) -> Callable[[int], float]:
+        return timed(lambda i: c.resolve(batches[i]))
 
-    step_times = interleaved({name: stepper(c) for name, (c, _) in built.items()}, counts)
-    resolve_times = interleaved({name: resolver(c) for name, (c, _) in built.items()}, counts)
+    # One untimed call each first (index 0): allocator, thread pool, lazy initialisation.
+    step_times = interleaved({name: stepper(c) for name, (c, _) in built.items()}, counts, warmup=1)
+    resolve_times = interleaved({name: resolver(c) for name, (c, _) in built.items()}, counts, warmup=1)
     result: dict[str, float] = {"keys": n_keys, "ids_per_step": ids_per_step}
     for name, (contender, setup_s) in built.items():
         best, median, resolve = min(step_times[name]), statistics.median(step_times[name]), min(resolve_times[name])
@@ -235,19 +219,20 @@ def run_size(n_keys: int, steps: int, slow_steps: int) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="N = 1M only, few steps (< 1 min)")
-    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="key universe sizes")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps per contender")
-    args = parser.parse_args()
+    cli = parser(__doc__, "N = 1M only, few steps (< 1 min)")
+    cli.add_argument("--sizes", type=int, nargs="+", default=None, help="key universe sizes")
+    cli.add_argument("--steps", type=int, default=None, help="timed steps per contender")
+    args = cli.parse_args()
     sizes = args.sizes or ([1_000_000] if args.quick else [1_000_000, 10_000_000])
     steps = args.steps or (10 if args.quick else 30)
     slow_steps = max(3, steps // 3) if args.quick else steps
     # torch.optim.Adagrad's sparse path warns once about skipped invariant checks; noise here.
     warnings.filterwarnings("ignore", message="Sparse invariant checks")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    if args.quick:
+        announce_quick({"sizes": sizes, "steps": steps, "slow_steps": slow_steps})
+    print(f"machine: {machine_info(with_torch=True)}")
     results = [run_size(n, steps, slow_steps) for n in sizes]
-    print(json.dumps(results[-1] | {"sizes": results}))
+    print_result(results[-1] | {"sizes": results})
 
 
 if __name__ == "__main__":

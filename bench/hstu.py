@@ -1,6 +1,6 @@
 """Forward + backward time of one HSTU layer: ours vs a naive PyTorch reference.
 
-    python bench/hstu.py [--quick] [--threads N]
+    python -m bench.hstu [--quick] [--threads N]
 
 Ours is ``streamtrain.modules.hstu.HSTUEncoder`` with one layer: rows in length groups
 cropped to their longest row (padding skipped, not masked), one fused U/V/Q/K projection,
@@ -18,17 +18,14 @@ has every row full ("full"), where skipping padding cannot help.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import platform
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.common import announce_quick, interleaved, machine_info, parser, print_result, rounded, timed
 from streamtrain.modules.config import HSTUConfig
 from streamtrain.modules.hstu import HSTUEncoder
 
@@ -99,22 +96,12 @@ def _inputs(
 def _time_pair(
     ours: Callable[[], None], reference: Callable[[], None], repeats: int, device: torch.device
 ) -> tuple[float, float]:
-    """Best-of-``repeats`` wall ms of each step (background load only ever adds time; the
-    benchmark machine is shared), measured alternately so both see the same load."""
-    for _ in range(2):  # warm-up: allocator, thread pool, lazy init
-        ours()
-        reference()
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(repeats):
-        for step, bucket in ((ours, times[0]), (reference, times[1])):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            bucket.append((time.perf_counter() - t0) * 1e3)
-    return min(times[0]), min(times[1])
+    """Best-of-``repeats`` wall ms of each step, interleaved (common.interleaved), after two
+    untimed rounds; on CUDA the device is synchronised around every timed step."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    times = interleaved({"ours": timed(lambda _: ours(), sync), "reference": timed(lambda _: reference(), sync)},
+                        repeats, warmup=2)
+    return 1e3 * min(times["ours"]), 1e3 * min(times["reference"])
 
 
 def _fwd_bwd(layer: nn.Module, x: torch.Tensor, ts: torch.Tensor, valid_len: torch.Tensor) -> Callable[[], None]:
@@ -160,15 +147,16 @@ def _bench_case(n: int, lengths: str, repeats: int, gen: torch.Generator) -> dic
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats (< 1 minute on 2 CPU cores)")
-    parser.add_argument(
+    cli = parser(__doc__, "fewer repeats (< 1 minute on 2 CPU cores)")
+    cli.add_argument(
         "--threads", type=int, default=1,
         help="torch intra-op threads (default 1: on a shared 2-core box two threads mostly measure contention)",
     )
-    args = parser.parse_args()
+    args = cli.parse_args()
     torch.set_num_threads(args.threads)
     repeats = 5 if args.quick else 20
+    if args.quick:
+        announce_quick({"repeats": repeats})
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     results = []
@@ -182,15 +170,15 @@ def main() -> None:
                 + "".join(f"   {k} {v:.2f}" for k, v in row.items() if k.startswith("cuda_"))
             )
     last = results[-1]
-    print(json.dumps({
+    print_result({
         "bench": "hstu_layer_fwd_bwd",
         "B": B, "d": D, "heads": HEADS, "repeats": repeats,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "ours_ms": round(last["ours_ms"], 3),
-        "reference_ms": round(last["reference_ms"], 3),
-        "ratio": round(last["ratio"], 3),
-        "results": [{k: round(v, 3) if k.endswith(("_ms", "ratio")) else v for k, v in r.items()} for r in results],
-    }))
+        "machine": machine_info(with_torch=True),
+        "ours_ms": rounded(last["ours_ms"]),
+        "reference_ms": rounded(last["reference_ms"]),
+        "ratio": rounded(last["ratio"]),
+        "results": [{k: rounded(v) if k.endswith(("_ms", "ratio")) else v for k, v in r.items()} for r in results],
+    })
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Ingest throughput: Kafka -> finished sample batches, beside a raw consume + JSON decode.
 
-    python bench/ingest.py [--quick] [--events N] [--repeats R] [--profile]
+    python -m bench.ingest [--quick] [--events N] [--repeats R] [--profile]
 
 Starts its own embedded broker, produces N events of a synthetic world (requests of 5
 exposures from 2000 users over 5000 popularity-skewed items, 5 % clicked, 10 % of clicks
@@ -20,17 +20,15 @@ shared: background load only ever adds time). The last line is one JSON object.
 
 from __future__ import annotations
 
-import argparse
 import cProfile
-import json
 import os
-import platform
 import pstats
 import time
 
 import orjson
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from bench.common import announce_quick, interleaved, machine_info, parser, print_result
 from consumers.config import DecoderConfig, JoinerConfig, KafkaSourceConfig, PopularityConfig
 from consumers.decode import EventDecoder
 from consumers.joiner import LabelJoiner
@@ -111,16 +109,18 @@ def pin(pid: int, cpus: set[int]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="100k events, 1 repeat (< 1 minute)")
-    parser.add_argument("--events", type=int, default=None, help="events to produce (default 600k, quick 100k)")
-    parser.add_argument("--repeats", type=int, default=None, help="alternating runs per path (default 3, quick 1)")
-    parser.add_argument("--profile", action="store_true", help="print a cProfile of one joiner run")
-    args = parser.parse_args()
+    cli = parser(__doc__, "100k events, 1 repeat (< 1 minute)")
+    cli.add_argument("--events", type=int, default=None, help="events to produce (default 600k, quick 100k)")
+    cli.add_argument("--repeats", type=int, default=None, help="alternating runs per path (default 3, quick 1)")
+    cli.add_argument("--profile", action="store_true", help="print a cProfile of one joiner run")
+    args = cli.parse_args()
     n_events = args.events or (100_000 if args.quick else 600_000)
     repeats = args.repeats or (1 if args.quick else 3)
+    if args.quick:
+        announce_quick({"events": n_events, "repeats": repeats})
 
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    machine = machine_info(pinned=len(cpus) >= 2)  # before pinning narrows this process to one CPU
     with EmbeddedBroker() as broker:
         broker.create_topics([TOPIC], partitions=PARTITIONS)
         if len(cpus) >= 2 and broker.pid is not None:
@@ -128,27 +128,24 @@ def main() -> None:
             pin(0, {cpus[-1]})  # before any client starts: librdkafka threads inherit it
         total = produce(broker.bootstrap_servers, n_events)
         print(f"produced {total} events to {PARTITIONS} partitions")
-        raw_s: list[float] = []
-        joiner_s: list[float] = []
-        samples = 0
-        for run in range(repeats):
-            raw_s.append(time_raw(broker.bootstrap_servers, total, run))
-            elapsed, samples = time_joiner(broker.bootstrap_servers, total, run)
-            joiner_s.append(elapsed)
-            print(f"run {run}: raw {total / raw_s[-1]:,.0f} events/s, joiner {total / elapsed:,.0f} events/s "
+        bootstrap = broker.bootstrap_servers
+        runs = interleaved({"raw": lambda run: time_raw(bootstrap, total, run),
+                            "joiner": lambda run: time_joiner(bootstrap, total, run)}, repeats)
+        raw_s: list[float] = runs["raw"]
+        joiner_s, samples_per_run = zip(*runs["joiner"])
+        for run, (raw, joined, samples) in enumerate(zip(raw_s, joiner_s, samples_per_run)):
+            print(f"run {run}: raw {total / raw:,.0f} events/s, joiner {total / joined:,.0f} events/s "
                   f"({samples} samples)")
         if args.profile:
             profiler = cProfile.Profile()
-            profiler.runcall(time_joiner, broker.bootstrap_servers, total, repeats)
+            profiler.runcall(time_joiner, bootstrap, total, repeats)
             pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
     raw_rate, joiner_rate = total / min(raw_s), total / min(joiner_s)
-    print(json.dumps({
-        "benchmark": "ingest", "events": total, "samples": samples, "repeats": repeats,
+    print_result({
+        "benchmark": "ingest", "events": total, "samples": samples_per_run[-1], "repeats": repeats,
         "raw_events_per_s": round(raw_rate), "joiner_events_per_s": round(joiner_rate),
-        "ratio": round(joiner_rate / raw_rate, 3),
-        "machine": {"cpus": len(cpus) or os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                    "python": platform.python_version(), "pinned": len(cpus) >= 2},
-    }))
+        "ratio": round(joiner_rate / raw_rate, 3), "machine": machine,
+    })
 
 
 if __name__ == "__main__":

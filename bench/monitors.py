@@ -1,6 +1,6 @@
 """Drift detection through the real daemon: delay per drift kind, false freezes, overhead.
 
-    python bench/monitors.py [--quick] [--seeds 0,1,2,3,4]
+    python -m bench.monitors [--quick] [--seeds 0,1,2,3,4]
 
 Starts its own embedded broker. Per seed it produces the scenarios of
 ``tests/scenario_harness.py`` — a clean log and one log per drift kind (label shift,
@@ -26,35 +26,17 @@ on 2 cores). The last line is one JSON object.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import logging
-import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-_HERE = Path(__file__).resolve().parent
-# Run as a script, this file's folder comes first on sys.path, and this file is named like
-# the `monitors` package: drop the folder so `import monitors` finds the package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent / "tests"))  # the scenario harness shared with the tests
-
-from scenario_harness import (  # noqa: E402
-    WINDOWS,
-    Layout,
-    Scenario,
-    ScenarioRun,
-    produce_scenario,
-    run_scenario,
-    scenarios,
-)
-from streamtrain.services import EmbeddedBroker  # noqa: E402
+from bench.common import announce_quick, machine_info, parser, print_result, rounded
+from streamtrain.services import EmbeddedBroker
+from tests.scenario_harness import WINDOWS, Layout, Scenario, ScenarioRun, produce_scenario, run_scenario, scenarios
 
 QUICK_SEEDS = (3,)
 FULL_SEEDS = (0, 1, 2, 3, 4)
@@ -107,10 +89,6 @@ def bound_samples(run: ScenarioRun, monitor: str) -> int:
 
 def median(values: list[int]) -> float | None:
     return float(statistics.median(values)) if values else None
-
-
-def rounded(value: float | None, digits: int) -> float | None:
-    return None if value is None else round(value, digits)
 
 
 def summarise(runs: list[ScenarioRun]) -> dict[str, Any]:
@@ -181,13 +159,13 @@ def print_table(summary: dict[str, Any], seeds: tuple[int, ...]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help=f"seed {QUICK_SEEDS[0]} only (< 1 minute)")
-    parser.add_argument("--seeds", default=None,
-                        help=f"comma-separated seeds (default {','.join(map(str, FULL_SEEDS))})")
-    args = parser.parse_args()
+    cli = parser(__doc__, f"seed {QUICK_SEEDS[0]} only, shorter logs (< 1 minute)")
+    cli.add_argument("--seeds", default=None, help=f"comma-separated seeds (default {','.join(map(str, FULL_SEEDS))})")
+    args = cli.parse_args()
     seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else QUICK_SEEDS if args.quick else FULL_SEEDS
     layout = QUICK_LAYOUT if args.quick else Layout()
+    if args.quick:
+        announce_quick({"seeds": seeds, "layout": layout})
     logging.getLogger().setLevel(logging.ERROR)  # gate transitions are logged as warnings: the table says it all
 
     started = time.perf_counter()
@@ -196,8 +174,7 @@ def main() -> None:
     summary = summarise(runs)
     print_table(summary, seeds)
     print(f"total {time.perf_counter() - started:.0f}s")
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(json.dumps({
+    print_result({
         "benchmark": "monitors", "quick": args.quick, "seeds": list(seeds), "layout": dataclasses.asdict(layout),
         "onset_per_seed": onsets(seeds, layout),
         "windows": WINDOWS, "batch_size": summary["batch_size"],
@@ -212,9 +189,8 @@ def main() -> None:
         "overhead_fraction": rounded(summary["overhead_fraction"], 4),
         "monitor_us_per_batch": rounded(summary["monitor_us_per_batch"], 1),
         "train_ms_per_batch": rounded(summary["train_ms_per_batch"], 3),
-        "machine": {"cpus": cpus, "processor": platform.processor() or platform.machine(),
-                    "python": platform.python_version()},
-    }))
+        "machine": machine_info(),
+    })
 
 
 if __name__ == "__main__":

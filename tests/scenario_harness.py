@@ -1,5 +1,7 @@
 """Drift scenarios through the real daemon: shared by ``tests/test_drift_scenarios.py`` and
-``bench/monitors.py``.
+the ``bench.monitors`` benchmark, which import it as ``tests.scenario_harness`` from the
+repo root (on ``sys.path`` for ``python -m bench.monitors`` run there, and for pytest by
+``pythonpath`` in ``pyproject.toml``).
 
 A scenario is one seeded simulator log with at most one injected drift (``DriftSpec``),
 produced to its own topic, then trained by an in-process :class:`~streamtrain.runtime.Daemon`
@@ -39,7 +41,6 @@ from typing import Any, TypeVar
 import numpy as np
 
 from consumers.schema import SampleBatch
-from daemon_harness import SMALL_CONFIG, deep_merge, produce_log, write_config
 from monitors.gate import Gate, GateState, Transition
 from streamtrain.config import StreamtrainConfig, load_config
 from streamtrain.runtime import Daemon, DaemonHooks
@@ -47,6 +48,7 @@ from streamtrain.simulator import DriftSpec, SimulatorConfig
 from streamtrain.simulator.config import DriftKind
 from streamtrain.simulator.stream import EventStream
 from streamtrain.trainer import StepResult
+from tests.daemon_harness import SMALL_CONFIG, deep_merge, produce_log, write_config
 
 # The hidden world of every scenario (SimulatorConfig fields). Few users and items with a
 # strong affinity (oracle AUC ~0.97) so the model learns fast; conversions within a minute,

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from monitors.gate import GateState
-from scenario_harness import ScenarioRun, WebhookRecorder, produce_scenario, run_scenario, scenarios
+from tests.scenario_harness import ScenarioRun, WebhookRecorder, produce_scenario, run_scenario, scenarios
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -80,7 +80,7 @@ def test_drift_freezes_the_gate_blocks_releases_alerts_and_reopens(
     # the drift starts in may still pass, then alarm_after bad windows. One window more for
     # labels: clicked samples leave the joiner ~1 min of event time (~500 samples here)
     # after the unclicked ones of the same moment, so a label drift reaches the trainer's
-    # labels later than its first sample (bench/monitors.py --quick measures 3031 > 3000).
+    # labels later than its first sample (python -m bench.monitors --quick measures 3031 > 3000).
     delay = run.detection_delay
     assert delay is not None and delay <= _windows(run, monitor, "alarm_after", 2), story
     assert monitor in {m for t in run.transitions for m in t.monitors}, f"{monitor} never held the gate\n{story}"

@@ -8,36 +8,37 @@ import logging
 import shutil
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+import streamtrain
 from streamtrain.cli.common import add_config_flags, print_json, stop_event_on_signals
-from streamtrain.config import StreamtrainConfig, build_config, env_overrides, flag_overrides, read_yaml
+from streamtrain.config import ConfigError, StreamtrainConfig, build_config, env_overrides, flag_overrides, read_yaml
 
 log = logging.getLogger("streamtrain.demo")
 
-# What makes a demo show something within a minute on a 2-core laptop; any of it can be
-# overridden with --config / --set (those win).
-DEMO_DEFAULTS: dict[str, Any] = {
-    "run_dir": "runs/demo",
-    "kafka": {"partitions": 2},
-    "joiner": {"policy": "emit_then_correct", "history_len": 32},
-    "model": {"embedding_dim": 32, "max_history_len": 32, "hstu": {"qk_dim": 16, "v_dim": 16},
-              "esmm": {"hidden": [64, 32]}, "retrieval": {"dim": 32}},
-    "trainer": {"batch_size": 256},
-    "checkpoints": {"every_samples": 20_000, "every_seconds": 30},
-    # A model trained from scratch is near-random for its first windows: a 0.5 floor keeps
-    # the demo's cold start from freezing (production warm-starts from yesterday's model).
-    "monitors": {"label_ratio": {"window": 5000}, "feature_drift": {"window": 5000},
-                 "auc": {"window": 5000, "min_auc": 0.5}},
-    "publishing": {"every_samples": 10_000},
-    "metrics": {"port": 0},
-    "control": {"port": 0},
-    "embeddings": {name: {"initial_rows": 1 << 14, "admission": {"sketch_width": 1 << 16}}
-                   for name in ("item", "user", "sparse")},
-    "simulator": {"users": 500, "items": 1000, "requests_per_event_second": 1.0, "time_scale": 300.0, "rate": 2000.0},
-}
+def demo_config_file() -> Path:
+    """``configs/demo.yaml`` of the checkout this package runs from (what makes a demo show
+    something within a minute on a 2-core laptop; the file says why each value).
+
+    Found from the package's location rather than shipped as package data: the demo is a
+    from-a-checkout command (``scripts/demo.sh`` sets up an editable install; ``runs/demo``
+    lands in the checkout), ``configs/`` is where the checkout keeps its configuration
+    beside ``default.yaml``, and the editable install resolves ``streamtrain`` to the
+    checkout's own folder, so a worktree on ``PYTHONPATH`` reads its own file too.
+    """
+    return Path(streamtrain.__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+def demo_defaults() -> dict[str, Any]:
+    """The demo's config layer: the lowest one, under --config, env, services and --set."""
+    path = demo_config_file()
+    if not path.is_file():
+        raise ConfigError([f"{path}: the demo's configuration is missing; `streamtrain demo` runs from a "
+                           "source checkout with an editable install (scripts/demo.sh)"])
+    return read_yaml(path)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,7 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "with a hidden ground truth, and trains on them with the real daemon for --duration seconds. "
                     "Prints a live view and a final summary (model AUC vs the simulator's oracle AUC). "
                     "The demo's run directory (default runs/demo) is wiped at start: the broker is in-memory, so "
-                    "old checkpoints' offsets would not match.")
+                    "old checkpoints' offsets would not match. Its settings are configs/demo.yaml, the lowest layer: "
+                    "--config, STREAMTRAIN_* env and --set override them.")
     add_config_flags(parser)
     parser.add_argument("--duration", type=float, default=60.0, help="seconds to run (default 60)")
     parser.add_argument("--no-redis", action="store_true", help="do not start Redis (no embedding cold tier)")
@@ -92,7 +94,7 @@ def _demo_config(args: argparse.Namespace, bootstrap: str, redis_url: str | None
 
     user_file = read_yaml(args.config) if args.config else {}
     services = {"kafka": {"bootstrap_servers": bootstrap}, "redis": {"url": redis_url}}
-    return build_config(DEMO_DEFAULTS, user_file, env_overrides(os.environ), services, flag_overrides(args.overrides))
+    return build_config(demo_defaults(), user_file, env_overrides(os.environ), services, flag_overrides(args.overrides))
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -1,0 +1,117 @@
+"""Timing probes inside a running ``Daemon``: the only place the benchmarks reach into one.
+
+:func:`wrap_method` is the one piece of code that replaces anything on a daemon's parts.
+:func:`attach_clocks` feeds the two clocks by wrapping ``trainer.step`` and
+``pipeline.poll`` on the instance: it is the piece to swap for daemon hooks (``on_trained``
+after each step, ``on_polled`` after each poll) once the daemon has them, because today
+neither public hook marks "trained": prequential observers fire between the forward and the
+backward pass, and ``on_step`` only after a checkpoint that fell due on that step. The
+recorders (:class:`StepClock`, :class:`PollClock`, :class:`CallTimer`) know nothing about
+how they are fed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+Batch = dict[str, np.ndarray]
+
+
+def wrap_method(obj: Any, name: str, record: Callable[[float, float, tuple[Any, ...], Any], None]) -> None:
+    """Replace ``obj.<name>`` on this instance (not its class) by a wrapper that calls the
+    original and then ``record(start, end, args, result)``: the caller keeps calling it as
+    usual, so what is timed is exactly what the daemon runs."""
+    inner = getattr(obj, name)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        result = inner(*args, **kwargs)
+        record(start, time.perf_counter(), args, result)
+        return result
+
+    setattr(obj, name, wrapper)
+
+
+class StepClock:
+    """Every training step: its end time, its duration and the (non-correction) sample ids and
+    partitions it trained; with ``keep_batches`` also a copy of every batch (the throughput
+    baseline replays them). Fed from the daemon's thread, read from others: locked."""
+
+    def __init__(self, *, keep_batches: bool = False) -> None:
+        self.keep_batches = keep_batches
+        self.lock = threading.Lock()
+        self.ends: list[float] = []
+        self.durations: list[float] = []
+        self.ids: list[np.ndarray] = []
+        self.partitions: list[np.ndarray] = []
+        self.batches: list[Batch] = []
+
+    def record(self, start: float, end: float, batch: Batch) -> None:
+        first = ~batch["is_correction"]
+        with self.lock:
+            self.ends.append(end)
+            self.durations.append(end - start)
+            self.ids.append(batch["sample_id"][first].copy())
+            self.partitions.append(batch["partition"][first].copy())
+            if self.keep_batches:
+                self.batches.append({k: np.array(v, copy=True) for k, v in batch.items()})
+
+    def partition_of(self) -> dict[int, int]:
+        """sample id -> the Kafka partition its exposure was read from."""
+        with self.lock:
+            return {sid: p for ids, parts in zip(self.ids, self.partitions)
+                    for sid, p in zip(ids.tolist(), parts.tolist())}
+
+    def trained_at(self) -> dict[int, float]:
+        """sample id -> end time of the step that first trained it."""
+        with self.lock:
+            out: dict[int, float] = {}
+            for end, ids in zip(self.ends, self.ids):
+                for sid in ids.tolist():
+                    out.setdefault(sid, end)
+            return out
+
+
+class PollClock:
+    """When the joiner emitted each sample: sample id -> end of the ``pipeline.poll`` (consume
+    -> decode -> join) that returned it, first emission only (corrections left out)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.emitted: dict[int, float] = {}
+
+    def record(self, end: float, batches: list[Batch]) -> None:
+        with self.lock:
+            for b in batches:
+                for sid in b["sample_id"][~b["is_correction"]].tolist():
+                    self.emitted.setdefault(sid, end)
+
+
+def attach_clocks(daemon: Any, steps: StepClock, polls: PollClock | None = None) -> None:
+    """Feed ``steps`` every step ``daemon`` trains (observers included; the daemon calls
+    ``self.trainer.step(batch, observe)``) and ``polls`` every ``pipeline.poll``, by wrapping
+    both on the instance. Call it before ``daemon.run()``.
+
+    The function to replace with the daemon's ``on_trained`` / ``on_polled`` hooks once they
+    exist: the clocks need each step's batch, start and end, and each poll's end and batches.
+    """
+    wrap_method(daemon.trainer, "step", lambda start, end, args, _: steps.record(start, end, args[0]))
+    if polls is not None:
+        wrap_method(daemon.pipeline, "poll", lambda _start, end, _args, batches: polls.record(end, batches))
+
+
+class CallTimer:
+    """The (start, end) of every call of ``obj.<name>``."""
+
+    def __init__(self, obj: Any, name: str) -> None:
+        self.spans: list[tuple[float, float]] = []
+        wrap_method(obj, name, lambda start, end, _args, _result: self.spans.append((start, end)))
+
+    def within(self, lo: float, hi: float) -> float:
+        """Seconds spent in calls, clipped to [lo, hi]."""
+        return sum(max(0.0, min(end, hi) - max(start, lo)) for start, end in self.spans)
