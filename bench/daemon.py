@@ -4,7 +4,7 @@
                            [--rate EVENTS_PER_S] [--time-scale X] [--rows N] [--set SECTION.FIELD=V ...]
 
 Everything runs on this machine against an embedded broker (Tansu, in memory) that the
-benchmark starts itself. The daemon is ``streamtrain.daemon.Daemon`` with the demo's
+benchmark starts itself. The daemon is ``streamtrain.runtime.Daemon`` with the demo's
 configuration (``configs/demo.yaml``, the file ``streamtrain demo`` reads: model,
 embeddings, batch 256, joiner ``emit_then_correct`` with a 10 min click window, monitors,
 checkpoint and release cadence, the default ``trainer.threads``) in a temporary run

@@ -1,13 +1,11 @@
-"""Timing probes inside a running ``Daemon``: the only place the benchmarks reach into one.
+"""Timing probes of a running ``Daemon``.
 
-:func:`wrap_method` is the one piece of code that replaces anything on a daemon's parts.
-:func:`attach_clocks` feeds the two clocks by wrapping ``trainer.step`` and
-``pipeline.poll`` on the instance: it is the piece to swap for daemon hooks (``on_trained``
-after each step, ``on_polled`` after each poll) once the daemon has them, because today
-neither public hook marks "trained": prequential observers fire between the forward and the
-backward pass, and ``on_step`` only after a checkpoint that fell due on that step. The
-recorders (:class:`StepClock`, :class:`PollClock`, :class:`CallTimer`) know nothing about
-how they are fed.
+:func:`clock_hooks` feeds the step and poll clocks through the daemon's public hooks
+(``on_trained`` right after each step returns, ``on_polled`` after each poll, with their
+durations). :func:`wrap_method` is the one piece of code that replaces anything on a
+daemon's parts: :class:`CallTimer` uses it to split the rest of the loop's time
+(checkpoints, releases), which no hook reports. The recorders (:class:`StepClock`,
+:class:`PollClock`, :class:`CallTimer`) know nothing about how they are fed.
 """
 
 from __future__ import annotations
@@ -18,6 +16,9 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+
+from streamtrain.runtime import DaemonHooks
+from streamtrain.trainer import StepResult
 
 Batch = dict[str, np.ndarray]
 
@@ -92,17 +93,22 @@ class PollClock:
                     self.emitted.setdefault(sid, end)
 
 
-def attach_clocks(daemon: Any, steps: StepClock, polls: PollClock | None = None) -> None:
-    """Feed ``steps`` every step ``daemon`` trains (observers included; the daemon calls
-    ``self.trainer.step(batch, observe)``) and ``polls`` every ``pipeline.poll``, by wrapping
-    both on the instance. Call it before ``daemon.run()``.
+def clock_hooks(steps: StepClock, polls: PollClock | None = None, poll_spans: list[tuple[float, float]] | None = None) -> DaemonHooks:
+    """Daemon hooks feeding ``steps`` with every step (its batch, start and end), ``polls``
+    with every poll's emitted samples and ``poll_spans`` with every poll's (start, end)."""
 
-    The function to replace with the daemon's ``on_trained`` / ``on_polled`` hooks once they
-    exist: the clocks need each step's batch, start and end, and each poll's end and batches.
-    """
-    wrap_method(daemon.trainer, "step", lambda start, end, args, _: steps.record(start, end, args[0]))
-    if polls is not None:
-        wrap_method(daemon.pipeline, "poll", lambda _start, end, _args, batches: polls.record(end, batches))
+    def on_trained(batch: Batch, result: StepResult) -> None:
+        end = time.perf_counter()
+        steps.record(end - result.seconds, end, batch)
+
+    def on_polled(batches: list[Batch], seconds: float) -> None:
+        end = time.perf_counter()
+        if polls is not None:
+            polls.record(end, batches)
+        if poll_spans is not None:
+            poll_spans.append((end - seconds, end))
+
+    return DaemonHooks(on_polled=on_polled, on_trained=on_trained)
 
 
 class CallTimer:
@@ -114,4 +120,9 @@ class CallTimer:
 
     def within(self, lo: float, hi: float) -> float:
         """Seconds spent in calls, clipped to [lo, hi]."""
-        return sum(max(0.0, min(end, hi) - max(start, lo)) for start, end in self.spans)
+        return seconds_within(self.spans, lo, hi)
+
+
+def seconds_within(spans: list[tuple[float, float]], lo: float, hi: float) -> float:
+    """Total length of ``spans`` clipped to [lo, hi]."""
+    return sum(max(0.0, min(end, hi) - max(start, lo)) for start, end in spans)

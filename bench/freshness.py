@@ -33,10 +33,10 @@ from typing import Any
 import numpy as np
 import orjson
 
-from bench.daemon_probes import PollClock, StepClock, attach_clocks
+from bench.daemon_probes import PollClock, StepClock, clock_hooks
 from bench.demo_setup import DemoSetup, broker_state
 from consumers.schema import hash_id
-from streamtrain.daemon import Daemon
+from streamtrain.runtime import Daemon
 from streamtrain.services.topics import create_topics
 from streamtrain.simulator import EventStream, KafkaSink, SimEvent, SimulatorConfig, run_simulation
 
@@ -114,9 +114,8 @@ def run(demo: DemoSetup, tmp: Path, sizes: Sizes, *, rate: float, time_scale: fl
     kafka, joiner = cfg.kafka, cfg.joiner
     create_topics(kafka.bootstrap_servers, [kafka.topic, kafka.dlq_topic], kafka.partitions)
     stop, sim_stop = threading.Event(), threading.Event()
-    daemon = Daemon(cfg, stop=stop)  # built before production starts: start-up is not freshness
     clock, polls = StepClock(), PollClock()
-    attach_clocks(daemon, clock, polls)
+    daemon = Daemon(cfg, stop=stop, hooks=clock_hooks(clock, polls))  # built before production starts: start-up is not freshness
     sink = RecordingSink(KafkaSink(kafka.bootstrap_servers, kafka.topic), kafka.partitions)
     produced: dict[int, tuple[float, int, int]] = {}  # sample id -> (produced at, exposure ts, partition)
     sim_stats: dict[str, Any] = {}

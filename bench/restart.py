@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from bench.demo_setup import DemoSetup, produce_log
-from streamtrain.daemon import Daemon
+from streamtrain.runtime import Daemon
 
 # The floor imports the module that defines the daemon, wherever it lives.
 DAEMON_MODULE = Daemon.__module__

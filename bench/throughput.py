@@ -27,10 +27,10 @@ import numpy as np
 import torch
 
 from bench.common import interleaved
-from bench.daemon_probes import CallTimer, StepClock, attach_clocks
+from bench.daemon_probes import CallTimer, StepClock, clock_hooks, seconds_within
 from bench.demo_setup import DemoSetup, produce_log
 from streamtrain.config import StreamtrainConfig
-from streamtrain.daemon import Daemon
+from streamtrain.runtime import Daemon
 from streamtrain.trainer import Trainer
 
 # The last click window of event time (~2,800 exposures of the demo world) never closes:
@@ -68,13 +68,12 @@ def watchdog(stop: threading.Event, clock: StepClock, idle_s: float) -> threadin
 def daemon_pass(cfg: StreamtrainConfig, target: int, keep_batches: bool) -> tuple[dict[str, Any], StepClock]:
     """One daemon from a fresh run dir over the whole log, up to ``target`` samples."""
     stop = threading.Event()
-    daemon = Daemon(cfg, stop=stop, stop_after_samples=target)
     clock = StepClock(keep_batches=keep_batches)
-    attach_clocks(daemon, clock)
+    polls: list[tuple[float, float]] = []  # consume, decode, join, DLQ
+    daemon = Daemon(cfg, stop=stop, stop_after_samples=target, hooks=clock_hooks(clock, poll_spans=polls))
     # Where the rest of the loop's time goes (none of these overlap Trainer.step).
-    timers = {"poll": CallTimer(daemon.pipeline, "poll"),  # consume, decode, join, DLQ
-              "checkpoint": CallTimer(daemon, "checkpoint"),
-              "release": CallTimer(daemon.releases, "after_step")}  # shadow copy + publish when due
+    timers = {"checkpoint": CallTimer(daemon, "checkpoint"),
+              "release": CallTimer(daemon.releases, "publish_pending")}  # version files + shadow copy
     watchdog(stop, clock, idle_s=20.0)
     started = time.perf_counter()
     summary = daemon.run()
@@ -86,7 +85,8 @@ def daemon_pass(cfg: StreamtrainConfig, target: int, keep_batches: bool) -> tupl
     batch = cfg.trainer.batch_size
     window = ends[-1] - ends[0]  # end of the first step -> end of the last one
     step_share = float(np.sum(clock.durations[1:])) / window
-    shares = {"train_step": step_share} | {k: t.within(ends[0], ends[-1]) / window for k, t in timers.items()}
+    shares = {"train_step": step_share, "poll": seconds_within(polls, ends[0], ends[-1]) / window}
+    shares |= {k: t.within(ends[0], ends[-1]) / window for k, t in timers.items()}
     shares["other"] = 1.0 - sum(shares.values())
     out = {"samples_per_s": batch * (len(ends) - 1) / window, "step_share": step_share, "shares": shares,
            "step_ms": 1000 * float(np.median(clock.durations)), "run_wall_s": wall,
@@ -104,7 +104,7 @@ def bare_pass(cfg: StreamtrainConfig, batches: list[dict[str, np.ndarray]]) -> f
                       device=torch.device("cpu"))
     ends = []
     for batch in batches:
-        trainer.step(batch, None)
+        trainer.step(batch)
         ends.append(time.perf_counter())
     return cfg.trainer.batch_size * (len(ends) - 1) / (ends[-1] - ends[0])
 
