@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from consumers.decode import EventDecoder
+from consumers.decode import DECODE_COUNTERS, EventDecoder
 from consumers.dlq import DlqSink
 from consumers.joiner import LabelJoiner
 from consumers.reasons import Reason, Rejection
@@ -41,7 +41,7 @@ FORMAT_VERSION = 1
 
 STATS = (
     "messages",  # consumed from the source
-    "dense_type_mismatches",  # declared dense features sent as strings (became NaN)
+    *DECODE_COUNTERS,  # accepted events with degraded feature values (docs/events.md)
 )
 
 
@@ -105,8 +105,9 @@ class IngestPipeline:
         rejections: list[Rejection] = []
         if len(messages):
             self.stats["messages"] += len(messages)
-            decoded = self.decoder.decode(messages.values, messages.partitions, messages.offsets)
-            self.stats["dense_type_mismatches"] += decoded.dense_type_mismatches
+            decoded = self.decoder.decode(messages.values, messages.partitions, messages.offsets, messages.keys)
+            for name, count in decoded.counters.items():
+                self.stats[name] += count
             rejections += decoded.rejections
             rejections += self.joiner.ingest(decoded.events)
         emission = self.joiner.advance()
