@@ -50,6 +50,7 @@ class DecoderConfig(_Frozen):
     min_ts_ms: int = 946_684_800_000  # 2000-01-01: older timestamps are unit errors (seconds, not ms)
     max_ts_ms: int = 4_102_444_800_000  # 2100-01-01: keeps a garbage ts from pushing the watermark to infinity
     max_clock_skew_ms: int | None = None  # None: no wall-clock check (replays and the simulator run in their own time)
+    check_key: bool = True  # key must be the user_id: dedupe and joins are partition-local (docs/events.md: turning it off)
 
     @model_validator(mode="after")
     def _ordered(self) -> "DecoderConfig":

@@ -27,7 +27,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from consumers.decode import EventDecoder
+from consumers.decode import DECODE_COUNTERS, EventDecoder
 from consumers.dlq import DlqSink
 from consumers.joiner import LabelJoiner
 from consumers.reasons import Reason, Rejection
@@ -40,7 +40,7 @@ FORMAT_VERSION = 2  # 2: positions and the sample carry left the state (manifest
 
 STATS = (
     "messages",  # consumed from the source
-    "dense_type_mismatches",  # declared dense features sent as strings (became NaN)
+    *DECODE_COUNTERS,  # accepted events with degraded feature values (docs/events.md)
 )
 
 
@@ -79,8 +79,9 @@ class IngestPipeline:
         rejections: list[Rejection] = []
         if len(messages):
             self.stats["messages"] += len(messages)
-            decoded = self.decoder.decode(messages.values, messages.partitions, messages.offsets)
-            self.stats["dense_type_mismatches"] += decoded.dense_type_mismatches
+            decoded = self.decoder.decode(messages.values, messages.partitions, messages.offsets, messages.keys)
+            for name, count in decoded.counters.items():
+                self.stats[name] += count
             rejections += decoded.rejections
             rejections += self.joiner.ingest(decoded.events)
         emission = self.joiner.advance()

@@ -39,6 +39,7 @@ class MessageBatch:
     values: list[bytes | None] = field(default_factory=list)
     partitions: list[int] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
+    keys: list[bytes | None] = field(default_factory=list)  # message keys; DESIGN §3: the user id
 
     def __len__(self) -> int:
         return len(self.values)
@@ -195,6 +196,7 @@ class KafkaSource:
         batch.values = [m.value() for m in messages]
         batch.partitions = [m.partition() for m in messages]
         batch.offsets = [m.offset() for m in messages]
+        batch.keys = [m.key() for m in messages]
         self._positions.update({p: o + 1 for p, o in zip(batch.partitions, batch.offsets)})  # last one wins
         return batch
 

@@ -15,6 +15,7 @@ import orjson
 
 from consumers.batching import SampleBuffer
 from consumers.config import JoinerConfig
+from consumers.decode import key_for_user
 from consumers.pipeline import IngestPipeline
 from consumers.reasons import Rejection
 from consumers.schema import SampleBatch, hash_id
@@ -26,13 +27,20 @@ class ListSource:
 
     ``interleave_seed=None`` delivers partitions round-robin one message at a time; a
     seed picks the next partition at random (seeded), to show that results do not
-    depend on the interleaving.
+    depend on the interleaving. ``keys``: the message keys, per partition like the
+    values; by default each message is keyed as DESIGN §3 producers key it
+    (:func:`producer_key`).
     """
 
     def __init__(self, partitions: Mapping[int, Sequence[bytes | None]], topic: str = "events",
-                 interleave_seed: int | None = None) -> None:
+                 interleave_seed: int | None = None, keys: Mapping[int, Sequence[bytes | None]] | None = None) -> None:
         self.topic = topic
         self._logs: dict[int, list[bytes | None]] = {p: list(v) for p, v in sorted(partitions.items())}
+        if keys is None:
+            keys = {p: [producer_key(v) for v in log] for p, log in self._logs.items()}
+        self._keys: dict[int, list[bytes | None]] = {p: list(keys.get(p, ())) for p in self._logs}
+        if any(len(self._keys[p]) != len(log) for p, log in self._logs.items()):
+            raise ValueError("keys must give one key per message of every partition")
         self._next: dict[int, int] = dict.fromkeys(self._logs, 0)
         self._rng = None if interleave_seed is None else np.random.default_rng(interleave_seed)
         self._turn = 0
@@ -61,6 +69,7 @@ class ListSource:
             batch.values.append(self._logs[p][offset])
             batch.partitions.append(p)
             batch.offsets.append(offset)
+            batch.keys.append(self._keys[p][offset])
             self._next[p] = offset + 1
         return batch
 
@@ -127,6 +136,17 @@ class BatchedPipeline:
         self.pipeline.load_state_dict(state["pipeline"])
         self.buffer.load_state_dict(state["buffer"])
         self.pipeline.seek({t: {int(p): int(o) for p, o in parts.items()} for t, parts in state["positions"].items()})
+
+
+def producer_key(value: bytes | None) -> bytes | None:
+    """The key a DESIGN §3 producer gives ``value``: its user_id (:func:`key_for_user`);
+    None when ``value`` is not an event object with a string or integer user_id."""
+    try:
+        event = orjson.loads(value) if value else None
+    except orjson.JSONDecodeError:
+        return None
+    user = event.get("user_id") if type(event) is dict else None
+    return key_for_user(user) if type(user) in (str, int) else None
 
 
 class ListDlqSink:
