@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from consumers.decode import DECODE_COUNTERS
 from streamtrain.runtime.metrics import Point
 from streamtrain.runtime.status import DaemonStatus
 
@@ -49,6 +50,10 @@ def _points(status: DaemonStatus, now: float) -> Iterator[Point]:
         if key.startswith("dlq."):
             yield Point("streamtrain_dlq_events", "counter", "Events sent to the dead-letter topic, by reason.",
                         value, {"reason": key[4:]})
+    for key in DECODE_COUNTERS:
+        yield Point("streamtrain_events_degraded", "counter",
+                    "Accepted events with a feature value read as missing or inexact, by kind (docs/events.md).",
+                    counters.get(key, 0), {"kind": key})
     for partition, lag in sorted(status.lag.items()):
         yield Point("streamtrain_consumer_lag_messages", "gauge",
                     "Messages between the consumer's position and the end of the partition.",
