@@ -58,35 +58,48 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 class _AucTracker:
-    """Prequential (score-before-train) CTR predictions of the second half of the run."""
+    """Prequential (score-before-train) CTR and CTCVR predictions of exposure rows, with the
+    simulator's true probabilities for the same rows: the model and the oracle are judged on
+    exactly the same rows (the second half of the trained exposures). Correction rows of
+    ``emit_then_correct`` re-emit an exposure already scored: they are not new rows."""
 
     def __init__(self) -> None:
-        self.scores: list[np.ndarray] = []
-        self.labels: list[np.ndarray] = []
+        self._rows: list[tuple[np.ndarray, ...]] = []  # (sample_id, p_ctr, p_ctcvr, click, convert) per step
+        self._truth: dict[int, tuple[float, float]] = {}  # sample_id -> (true pCTR, true pCTCVR)
         self._lock = threading.Lock()
 
     def __call__(self, batch: dict[str, np.ndarray], result: Any) -> None:
+        fresh = ~batch["is_correction"]
+        p = result.predictions
         with self._lock:
-            self.scores.append(result.predictions.p_ctr)
-            self.labels.append(batch["click"])
+            self._rows.append((batch["sample_id"][fresh], p.p_ctr[fresh], p.p_ctcvr[fresh],
+                               batch["click"][fresh], batch["convert"][fresh]))
 
-    def auc(self) -> float | None:
+    def add_truth(self, truth: dict[str, Any]) -> None:
+        """The simulator's truth of one exposure (called from its thread)."""
+        from consumers.schema import hash_id
+
+        with self._lock:
+            self._truth[hash_id(truth["event_id"])] = (truth["p_ctr"], truth["p_ctr"] * truth["p_cvr"])
+
+    def summary(self) -> dict[str, Any]:
+        """AUCs of the model and of the oracle on the second half of the trained exposures."""
         from monitors.stats import window_auc
 
         with self._lock:
-            half = len(self.scores) // 2
-            if half == 0:
-                return None
-            return float(window_auc(np.concatenate(self.scores[half:]), np.concatenate(self.labels[half:])))
+            if not self._rows:
+                return {"auc_rows": 0, "auc": None, "oracle_auc": None, "ctcvr_auc": None, "oracle_ctcvr_auc": None}
+            ids, p_ctr, p_ctcvr, click, convert = (np.concatenate(c) for c in zip(*self._rows))
+            truth = np.array([self._truth.get(i, (np.nan, np.nan)) for i in ids.tolist()]).reshape(-1, 2)
+        half = slice(len(ids) // 2, None)
+        ctcvr = click * convert
 
+        def auc(scores: np.ndarray, labels: np.ndarray) -> float | None:
+            value = float(window_auc(scores[half], labels[half]))
+            return None if value != value else round(value, 4)
 
-def _oracle_auc(truth: list[tuple[float, int]]) -> float | None:
-    from monitors.stats import window_auc
-
-    if not truth:
-        return None
-    arr = np.asarray(truth)
-    return float(window_auc(arr[:, 0], arr[:, 1]))
+        return {"auc_rows": len(ids) - len(ids) // 2, "auc": auc(p_ctr, click), "oracle_auc": auc(truth[:, 0], click),
+                "ctcvr_auc": auc(p_ctcvr, ctcvr), "oracle_ctcvr_auc": auc(truth[:, 1], ctcvr)}
 
 
 def _demo_config(args: argparse.Namespace, bootstrap: str, redis_url: str | None) -> StreamtrainConfig:
@@ -118,16 +131,15 @@ def _demo(args: argparse.Namespace) -> int:
             config = _demo_config(args, broker.bootstrap_servers, redis.url if redis else None)
             kafka = config.kafka
             create_topics(kafka.bootstrap_servers, [kafka.topic, kafka.dlq_topic], kafka.partitions)
-            truth: list[tuple[float, int]] = []
+            tracker = _AucTracker()
             sim_stats: dict[str, Any] = {}
             sim_stop = threading.Event()
 
             def simulate() -> None:
                 stats = run_simulation(config.simulator, KafkaSink(kafka.bootstrap_servers, kafka.topic), stop=sim_stop,
-                                       truth_sink=lambda t: truth.append((t["p_ctr"], t["click"])))
+                                       truth_sink=tracker.add_truth)
                 sim_stats.update(stats.summary())
 
-            tracker = _AucTracker()
             daemon = Daemon(config, stop=stop, hooks=DaemonHooks(on_trained=tracker))
             producer = threading.Thread(target=simulate, name="simulator", daemon=True)
             producer.start()
@@ -151,8 +163,7 @@ def _demo(args: argparse.Namespace) -> int:
         "dlq": sum(v for k, v in status.counters.items() if k.startswith("dlq.")),
         "samples": summary.samples_trained,
         "samples_per_s": round(summary.samples_trained / max(args.duration, 1e-9), 1),
-        "auc": tracker.auc(),
-        "oracle_auc": _oracle_auc(truth),
+        **tracker.summary(),
         "checkpoints": summary.checkpoints,
         "published_versions": summary.published_versions,
         "gate": summary.gate,
