@@ -72,6 +72,10 @@ class JoinerConfig(_Frozen):
     max_pending_samples: int = Field(2_000_000, ge=1)  # beyond this the oldest samples are emitted early (counted)
     max_buffered_events: int = Field(1_000_000, ge=1)  # reorder buffer cap; beyond it the watermark is forced on
     dedupe_window: int = Field(100_000, ge=1)  # event ids remembered per partition (producer retries land close)
+    max_future_ms: int = Field(1_800_000, gt=0)  # held, not trusted, beyond this ahead of the partition's time: catches time-zone and date slips
+    confirm_events: int = Field(32, ge=1)  # consecutive consistent held events that confirm a jump (and anchor a new partition)
+    max_quarantined: int = Field(1024, ge=1)  # held events per partition; beyond it anchor at their median (counted)
+    topic_id_window: int = Field(262_144, ge=1)  # finalised event ids / exposure keys remembered across partitions
     history_len: int = Field(32, ge=1)  # L: history events per sample (HSTU sequence length)
     max_history_users: int = Field(100_000, ge=1)  # users with a history ring; ~0.6 KB each at L=32; least recent evicted
     gap_bucket_edges_ms: tuple[int, ...] = Field(default_factory=_default_gap_edges)  # log-spaced gap buckets
@@ -81,6 +85,12 @@ class JoinerConfig(_Frozen):
     seed: int = 0  # mixes into every per-sample negative draw: same seed, same negatives
     sparse_features: tuple[str, ...] = ("user.segment", "item.category", "context.device")  # S columns, hashed
     dense_features: tuple[str, ...] = ("item.price",)  # D columns, float32, NaN when missing
+
+    @model_validator(mode="after")
+    def _quarantine_fits_a_confirmation(self) -> "JoinerConfig":
+        if self.max_quarantined < self.confirm_events:
+            raise ValueError("max_quarantined must be at least confirm_events")
+        return self
 
     @field_validator("gap_bucket_edges_ms")
     @classmethod

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Final
 
@@ -21,7 +21,7 @@ import orjson
 from consumers.config import DecoderConfig
 from consumers.hashing import HashMemo, mix_ids
 from consumers.reasons import Reason, Rejection
-from consumers.schema import MAX_EVENT_ID_LEN, Action, hash_feature, hash_id
+from consumers.schema import MAX_EVENT_ID_LEN, Action, EventBatch, hash_feature, hash_id
 
 _TYPE_CODES = {"exposure": int(Action.EXPOSURE), "click": int(Action.CLICK), "convert": int(Action.CONVERT)}
 _EXPOSURE = int(Action.EXPOSURE)
@@ -47,46 +47,6 @@ class Unkeyed(Enum):
 
 
 UNKEYED: Final = Unkeyed.UNKEYED  # "no message key known": the key rule is not checked
-
-
-@dataclass(slots=True)
-class EventBatch:
-    """Valid events, one row each, in message order. ``etype`` holds :class:`Action`
-    codes; ``key`` joins clicks/conversions to their exposure (request_id x item);
-    ``raw`` keeps the original bytes for DLQ records that the joiner may write later."""
-
-    ts: np.ndarray  # (n,) int64 ms
-    etype: np.ndarray  # (n,) int8
-    eid: np.ndarray  # (n,) int64 hash_id(event_id); the sample_id of an exposure
-    user: np.ndarray  # (n,) int64
-    item: np.ndarray  # (n,) int64
-    key: np.ndarray  # (n,) int64
-    partition: np.ndarray  # (n,) int32
-    offset: np.ndarray  # (n,) int64
-    sparse: np.ndarray  # (n, S) int64, 0 = missing (always 0 on clicks/conversions)
-    dense: np.ndarray  # (n, D) float32, NaN = missing
-    raw: np.ndarray  # (n,) object: bytes, or None where no DLQ record can follow
-
-    def __len__(self) -> int:
-        return len(self.ts)
-
-    def take(self, index: np.ndarray | slice) -> "EventBatch":
-        """Rows ``index`` (int index, bool mask or slice) of every column."""
-        return EventBatch(*[getattr(self, name)[index] for name in _COLUMNS])
-
-    @staticmethod
-    def concat(batches: Sequence["EventBatch"]) -> "EventBatch":
-        return EventBatch(*[np.concatenate([getattr(b, name) for b in batches]) for name in _COLUMNS])
-
-    @staticmethod
-    def empty(num_sparse: int, num_dense: int) -> "EventBatch":
-        i64 = np.zeros(0, np.int64)
-        return EventBatch(i64, np.zeros(0, np.int8), i64, i64, i64, i64, np.zeros(0, np.int32), i64,
-                          np.zeros((0, num_sparse), np.int64), np.zeros((0, num_dense), np.float32),
-                          np.zeros(0, object))
-
-
-_COLUMNS = tuple(f.name for f in fields(EventBatch))
 
 
 @dataclass(slots=True)

@@ -2,21 +2,28 @@
 
 How it works
 ------------
-1. ``ingest(events)`` drops duplicates (per-partition id window) and events below the
-   watermark (``too_late``), and stages the rest in a reorder buffer. An event is too
-   late when its ts is below ``max(partition watermark, joiner watermark)``, where the
-   partition watermark is the max ts seen so far *in that partition* minus
-   ``allowed_lateness_ms``: a function of the partition's own message order only.
+1. ``ingest(events)`` hands each partition's events, in message order, to
+   :class:`~consumers.admission.Admission`: it drops retries (per-partition id window),
+   rejects events below the partition's watermark (``too_late``), holds events far ahead
+   of the partition's event time in a quarantine until later events confirm or outvote
+   them (``ts_ahead``, DESIGN §6.6), and admits the rest into a reorder buffer. A
+   partition's watermark is its clock (max admitted ts) minus ``allowed_lateness_ms``:
+   a function of the partition's own message order only.
 2. ``advance()`` raises the joiner watermark to the minimum of the partition watermarks
-   of all assigned partitions (DESIGN §6.1; it never goes down), finalises the staged
-   events below it in canonical order ``(ts, type, event-id hash)`` and emits every
-   sample whose windows closed.
+   of all assigned partitions (DESIGN §6.1; it never goes down), finalises the buffered
+   events below it in canonical order ``(ts, type, event-id hash, partition, offset)`` and
+   emits every sample whose windows closed.
 3. Finalising walks the events in segments of one ``stats_refresh_ms`` bucket each.
-   Per segment: exposures open pending samples, clicks/conversions attach labels (or are
-   rejected as orphans / out of window), every exposure gets its history prefix, time
-   features, rank package, negatives and priors, then the segment's accepted events
-   join the user histories and popularity counters. When a segment starts a new bucket,
-   popularity/item-pool snapshots are taken and over-capacity users/items are evicted.
+   Per segment: the topic-wide contract is screened first (DESIGN §6.7: an event id
+   already finalised from another partition is ``duplicate_event_id``; a second exposure
+   of the same request x item x user is ``duplicate_exposure``; both decided against
+   bounded windows of finalised keys, in canonical order, so "first" never depends on
+   arrival); exposures open pending samples, clicks/conversions attach labels to an open
+   exposure *of the same user* (``label_user_mismatch`` when only another user's matches,
+   ``orphan_*`` when none does); every exposure gets its history prefix, time features,
+   rank package, negatives and priors, then the segment's accepted events join the user
+   histories and popularity counters. When a segment starts a new bucket, popularity/
+   item-pool snapshots are taken and over-capacity users/items are evicted.
 
 Labels: a click counts when ``exposure.ts <= click.ts <= exposure.ts + click_window_ms``;
 a conversion when a click is attached and ``click.ts <= convert.ts <= click.ts +
@@ -32,44 +39,51 @@ correction). Every emission at an ``advance`` has an emit time in
 sequence, and every feature is a function of event time. Together: the sample stream is
 a pure function of each partition's message sequence — independent of how partitions
 interleave, how input was batched and when ``advance`` ran. Only the overload valves
-(``max_pending_samples``, ``max_buffered_events``) and a changing partition assignment
-can break that; they are counted.
+(``max_pending_samples``, ``max_buffered_events``, ``max_quarantined``), a changing
+partition assignment and a state repaired on load can break that; they are counted.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from consumers.admission import COUNTERS as ADMISSION_COUNTERS
+from consumers.admission import Admission, Admitted
 from consumers.config import JoinerConfig
-from consumers.decode import EventBatch
-from consumers.dedupe import PartitionedDedupe
+from consumers.dedupe import NEW, DedupeWindow
+from consumers.hashing import mix_ids
 from consumers.history import HistoryView, UserHistory
+from consumers.joinindex import OpenExposures
 from consumers.negatives import ItemPool, rank_package
 from consumers.pending import SamplePool
 from consumers.popularity import PopularitySource
 from consumers.reasons import Reason, Rejection
-from consumers.schema import Action, SampleBatch, concat_batches, empty_batch
-from consumers.state import pack_bytes, unpack_bytes
+from consumers.schema import Action, EventBatch, SampleBatch, concat_batches, empty_batch
 from consumers.timefeatures import GapBuckets, calendar
 
-FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+
+# 2: admission state (quarantine, anchors), topic-wide id windows, last finalised ts, raw
+# bytes kept for staged exposures. A format-1 state is upgraded on load (see load_state_dict).
+FORMAT_VERSION = 2
 NO_WATERMARK = -(2**63)
 END_OF_TIME = 2**63 - 1
-_NO_TS = -(2**62)  # "no event yet" for a partition max; minus any lateness it stays above int64 min
 
 _EXPOSURE, _CLICK, _CONVERT = int(Action.EXPOSURE), int(Action.CLICK), int(Action.CONVERT)
 
 COUNTERS = (
-    "events_accepted",  # staged for the join
-    "duplicates",  # dropped by the dedupe window (not DLQ'd: idempotence is normal)
+    "events_accepted",  # admitted into the reorder buffer
+    *ADMISSION_COUNTERS,  # duplicates, events_quarantined, partition_anchors, forced_anchors
     "samples_emitted",  # rows emitted, corrections included
     "corrections_emitted",  # emit_then_correct re-emissions
     "forced_emissions",  # samples emitted early because max_pending_samples was hit
     "forced_watermark_advances",  # times max_buffered_events pushed the watermark
     "conversion_waits_expired",  # emit_then_correct samples whose conversion never came
+    "state_repairs",  # partition clocks (or the watermark) a restored state could not support
 )
 
 
@@ -110,21 +124,23 @@ class LabelJoiner:
         self.history = UserHistory(self.L, config.max_history_users)
         self.pool = SamplePool(self.L, self.K, self.S, self.D)
         self.item_pool = ItemPool(config.item_pool_size)
-        self.dedupe = PartitionedDedupe(config.dedupe_window)
+        self.admission = Admission(config, self.S, self.D)
+        self.event_ids = DedupeWindow(config.topic_id_window)  # finalised event ids, tagged with their partition
+        self.exposure_keys = DedupeWindow(config.topic_id_window)  # finalised exposures' request x item x user
+        self.open = OpenExposures()
         self.gaps = GapBuckets(config.gap_bucket_edges_ms)
         self.watermark = NO_WATERMARK
         self.counters = dict.fromkeys(COUNTERS, 0)
-        self._index: dict[int, int] = {}  # join key -> pool row of the latest exposure with that key
         self._staged: list[EventBatch] = []
         self._staged_count = 0
-        self._partition_max: dict[int, int] = {}  # max accepted ts per partition
         self._assigned: set[int] = set()
         self._bucket: int | None = None  # stats_refresh_ms bucket of the last finalised segment
+        self._finalised_ts: int | None = None  # ts of the last finalised event (canonical order)
 
     # ---------------------------------------------------------------- partitions
     def assign(self, partitions: list[int]) -> None:
         """Partitions now consumed: their watermarks hold the joiner's back until they
-        have seen an event."""
+        are anchored (have a confirmed event time)."""
         self._assigned.update(partitions)
 
     def revoke(self, partitions: list[int]) -> None:
@@ -134,11 +150,11 @@ class LabelJoiner:
 
     @property
     def partition_watermarks(self) -> dict[int, int | None]:
-        """Per assigned partition: max event ts seen minus lateness (None before its first
-        event). The joiner's ``watermark`` follows their minimum; export both as metrics."""
+        """Per assigned partition: its clock minus lateness (None until anchored). The
+        joiner's ``watermark`` follows their minimum; export both as metrics."""
         lateness = self.config.allowed_lateness_ms
-        return {p: (None if p not in self._partition_max else self._partition_max[p] - lateness)
-                for p in sorted(self._assigned)}
+        clocks = {p: self.admission.clock(p) for p in sorted(self._assigned)}
+        return {p: None if c is None else c - lateness for p, c in clocks.items()}
 
     @property
     def pending(self) -> int:
@@ -150,61 +166,38 @@ class LabelJoiner:
         """Events in the reorder buffer (bounded by ``max_buffered_events``)."""
         return self._staged_count
 
+    @property
+    def quarantined(self) -> int:
+        """Events held as far ahead of their partition's time (``max_quarantined`` per partition)."""
+        return self.admission.quarantined
+
     # ---------------------------------------------------------------- ingest
     def ingest(self, events: EventBatch) -> list[Rejection]:
-        """Stage decoded events (message order). Returns the too-late rejections."""
+        """Admit decoded events (message order per partition). Returns the rejections
+        decided now (``too_late``, ``ts_ahead``)."""
         if not len(events):
             return []
-        lateness = self.config.allowed_lateness_ms
-        keep = np.zeros(len(events), np.bool_)
-        rejections: list[Rejection] = []
-        duplicates = 0
-        for p in np.unique(events.partition).tolist():
-            self._assigned.add(p)
-            rows = np.flatnonzero(events.partition == p)
-            ts = events.ts[rows]
-            # The partition max before each event. Duplicates and too-late events never
-            # exceed it, so a plain running max over all events is the accepted-only one.
-            top = self._partition_max.get(p, _NO_TS)
-            running = np.maximum.accumulate(ts)
-            before = np.empty_like(running)
-            before[0] = top
-            np.maximum(running[:-1], top, out=before[1:])
-            floor = np.maximum(before - lateness, self.watermark)
-            late = ts < floor
-            for i, f in zip(rows[late].tolist(), floor[late].tolist()):
-                rejections.append(Rejection(Reason.TOO_LATE, f"ts {int(events.ts[i])} < watermark {f}",
-                                            events.raw[i], p, int(events.offset[i])))
-            window = self.dedupe.window(p)
-            seen, order, capacity = window.seen, window.order, window.capacity
-            on_time = rows[~late]
-            accepted = []
-            for i, eid in zip(on_time.tolist(), events.eid[on_time].tolist()):
-                if eid in seen:
-                    duplicates += 1
-                    continue
-                seen.add(eid)  # DedupeWindow.add, inlined: this loop runs once per event
-                order.append(eid)
-                if len(order) > capacity:
-                    seen.discard(order.popleft())
-                accepted.append(i)
-            keep[accepted] = True
-            self._partition_max[p] = max(top, int(running[-1]))
-        staged = events.take(keep)
-        staged.raw[staged.etype == _EXPOSURE] = None  # exposures are never DLQ'd later
-        if len(staged):
-            self._staged.append(staged)
-            self._staged_count += len(staged)
-        self.counters["duplicates"] += duplicates
-        self.counters["events_accepted"] += len(staged)
-        return rejections
+        self._assigned.update(np.unique(events.partition).tolist())
+        admitted = self.admission.admit(events, self.watermark)
+        self._stage(admitted)
+        return admitted.rejections
+
+    def _stage(self, admitted: Admitted) -> None:
+        if len(admitted.events):
+            self._staged.append(admitted.events)
+            self._staged_count += len(admitted.events)
+        self.counters["events_accepted"] += len(admitted.events)
+        for name, n in admitted.counts.items():
+            self.counters[name] += n
 
     # ---------------------------------------------------------------- advance
     def advance(self) -> Emission:
         """Move the watermark as far as the assigned partitions allow; finalise and emit."""
         target = self.watermark
-        if self._assigned and all(p in self._partition_max for p in self._assigned):
-            target = max(target, min(self._partition_max[p] for p in self._assigned) - self.config.allowed_lateness_ms)
+        clocks = [self.admission.clock(p) for p in self._assigned]
+        anchored = [c for c in clocks if c is not None]
+        if clocks and len(anchored) == len(clocks):
+            target = max(target, min(anchored) - self.config.allowed_lateness_ms)
         if self._staged_count > self.config.max_buffered_events:
             all_ts = np.concatenate([b.ts for b in self._staged])
             excess = self._staged_count - self.config.max_buffered_events
@@ -215,9 +208,13 @@ class LabelJoiner:
         return self._advance_to(target)
 
     def flush(self) -> Emission:
-        """End of input (bounded replays, tests): finalise everything and emit every
-        pending sample with the labels it has. Later events will all be too late."""
-        return self._advance_to(END_OF_TIME)
+        """End of input (bounded replays, tests): decide the quarantine, finalise everything
+        and emit every pending sample with the labels it has. Later events will all be too late."""
+        admitted = self.admission.flush(self.watermark)
+        self._stage(admitted)
+        emission = self._advance_to(END_OF_TIME)
+        emission.rejections[:0] = admitted.rejections
+        return emission
 
     def _advance_to(self, target: int) -> Emission:
         rejections: list[Rejection] = []
@@ -241,7 +238,8 @@ class LabelJoiner:
         events = staged.take(ready)
         if not len(events):
             return []
-        events = events.take(np.lexsort((events.eid, events.etype, events.ts)))
+        events = events.take(np.lexsort((events.offset, events.partition, events.eid, events.etype, events.ts)))
+        self._finalised_ts = int(events.ts[-1])
         bucket = events.ts // self.config.stats_refresh_ms
         cuts = [0, *(np.flatnonzero(np.diff(bucket)) + 1).tolist(), len(events)]
         rejections: list[Rejection] = []
@@ -260,20 +258,44 @@ class LabelJoiner:
         self.item_pool.refresh()
 
     def _segment(self, ev: EventBatch, emitted: _Emitted) -> list[Rejection]:
+        """One bucket of finalised events, canonical order: screen, open, join, featurise, observe."""
+        ev, rejections = self._screen(ev)
         is_exposure = ev.etype == _EXPOSURE
         exp_idx = np.flatnonzero(is_exposure)
+        exp = ev.take(exp_idx)
         rows = self.pool.alloc(len(exp_idx))
-        self._open(rows, ev.take(exp_idx))
+        self._open(rows, exp)
         row_of = np.full(len(ev), -1, np.int64)
         row_of[exp_idx] = rows
         push = np.ones(len(ev), np.bool_)
-        rejections = self._join_labels(ev, row_of, push, emitted)
+        rejections += self._join_labels(ev, row_of, push, emitted)
         hot = self.popularity.item_popularity(ev.item) > self.popularity.hot_threshold()
         view = self.history.query_then_append(ev.user, ev.ts, ev.item, ev.etype, hot, is_exposure, push)
-        self._features(rows, ev.take(exp_idx), view)
+        self._features(rows, exp, view)
         self.popularity.observe(ev.user[push], ev.item[push], ev.etype[push], ev.ts[push])
         self.item_pool.observe(ev.item[exp_idx])
         return rejections
+
+    def _screen(self, ev: EventBatch) -> tuple[EventBatch, list[Rejection]]:
+        """The topic-wide contract (DESIGN §6.7), in canonical order: an event id is unique
+        across partitions (the first copy wins; a copy from the *same* partition is a retry
+        its dedupe window forgot: counted, not DLQ'd), and a request shows an item to a user
+        once (a later exposure of the same request x item x user is a re-send)."""
+        owner = self.event_ids.claim_all(ev.eid, ev.partition.astype(np.int64))
+        retry = owner == ev.partition
+        taken = (owner != NEW) & ~retry
+        self.counters["duplicates"] += int(retry.sum())
+        keep = owner == NEW
+        exposures = np.flatnonzero(keep & (ev.etype == _EXPOSURE))
+        resent = exposures[self.exposure_keys.claim_all(mix_ids(ev.key[exposures], ev.user[exposures])) != NEW]
+        keep[resent] = False
+        why = {i: (Reason.DUPLICATE_EVENT_ID, f"event_id already taken by an earlier event of partition {p}")
+               for i, p in zip(np.flatnonzero(taken).tolist(), owner[taken].tolist())}
+        why.update(dict.fromkeys(resent.tolist(), (Reason.DUPLICATE_EXPOSURE,
+                                                   "an earlier exposure has the same request_id, item_id and user_id")))
+        rejections = [Rejection(reason, detail, ev.raw[i], int(ev.partition[i]), int(ev.offset[i]))
+                      for i, (reason, detail) in sorted(why.items())]
+        return (ev if keep.all() else ev.take(keep)), rejections
 
     def _open(self, rows: np.ndarray, exp: EventBatch) -> None:
         """Write the event-given fields of new pending samples."""
@@ -295,75 +317,87 @@ class LabelJoiner:
         c["closes_at"][rows] = exp.ts + self.config.click_window_ms
         c["emitted"][rows] = False
         c["late_convert"][rows] = False
-        c["indexed"][rows] = True
 
     def _join_labels(self, ev: EventBatch, row_of: np.ndarray, push: np.ndarray, emitted: _Emitted) -> list[Rejection]:
-        """Walk the segment in canonical order: exposures claim their join key, clicks and
-        conversions attach to the latest exposure holding theirs. Rejected events are
-        cleared in ``push`` (they enter neither history nor popularity)."""
+        """Clicks and conversions in canonical order, each attached to its user's open
+        exposure with the same (request_id, item_id). Rejected events are cleared in
+        ``push`` (they enter neither history nor popularity)."""
+        exposures = row_of >= 0
+        self.open.add(ev.key[exposures], row_of[exposures])  # findable only by labels at or after their ts
+        rejections: list[Rejection] = []
+        corrections: list[tuple[int, int]] = []  # (row, conversion ts)
+        labels = np.flatnonzero(~exposures)
+        for i, etype, pair, user, ts in zip(labels.tolist(), ev.etype[labels].tolist(), ev.key[labels].tolist(),
+                                            ev.user[labels].tolist(), ev.ts[labels].tolist()):
+            row, problem = self._find_exposure(pair, user, ts, etype)
+            if problem is None:
+                problem = self._attach_click(row, ts) if etype == _CLICK else self._attach_convert(row, ts, corrections)
+            if problem is not None:
+                push[i] = False
+                rejections.append(Rejection(problem[0], problem[1], ev.raw[i], int(ev.partition[i]), int(ev.offset[i])))
+        if corrections:
+            rows, at = np.array(corrections, np.int64).T
+            emitted.add(rows, at, correction=True)
+        return rejections
+
+    def _find_exposure(self, pair: int, user: int, ts: int, etype: int) -> tuple[int, tuple[Reason, str] | None]:
+        """The latest exposure of ``user`` with ``pair`` open at ``ts``: at or before it (so
+        before it in canonical order) and its windows not closed in event time — the
+        answer never depends on when a sample was physically released. Or why there is none."""
+        c = self.pool.cols
+        users, exposed_at, closes_at = c["user"], c["ts"], c["closes_at"]
+        other = False
+        for row in reversed(self.open.rows(pair)):
+            if not exposed_at[row] <= ts <= closes_at[row]:
+                continue
+            if users[row] == user:
+                return row, None
+            other = True
+        if other:
+            return -1, (Reason.LABEL_USER_MISMATCH, "the open exposure of this (request_id, item_id) is another user's")
+        orphan = Reason.ORPHAN_CLICK if etype == _CLICK else Reason.ORPHAN_CONVERT
+        return -1, (orphan, "no open exposure for (request_id, item_id)")
+
+    def _attach_click(self, row: int, ts: int) -> tuple[Reason, str] | None:
+        """The first click in the window labels the sample; ``wait`` then waits for a conversion."""
         cfg = self.config
         c = self.pool.cols
-        exp_ts, click_ts, click, convert, emit_at, closes_at, late_convert, indexed = (
-            c["ts"], c["click_ts"], c["click"], c["convert"], c["emit_at"], c["closes_at"], c["late_convert"], c["indexed"])
-        wait = cfg.policy == "wait"
-        index = self._index
-        rejections: list[Rejection] = []
-        corrections: list[int] = []
-        correction_ts: list[int] = []
-        for i, (etype, key, ts, row) in enumerate(zip(ev.etype.tolist(), ev.key.tolist(), ev.ts.tolist(), row_of.tolist())):
-            if etype == _EXPOSURE:
-                previous = index.get(key)
-                if previous is not None:
-                    indexed[previous] = False
-                index[key] = row
-                continue
-            row = index.get(key)
-            if row is not None and ts > closes_at[row]:
-                row = None  # closed in event time; may still sit here until this advance ends
-            reason = None
-            if row is None:
-                reason = Reason.ORPHAN_CLICK if etype == _CLICK else Reason.ORPHAN_CONVERT
-                detail = "no open exposure for (request_id, item_id)"
-            elif etype == _CLICK:
-                start = int(exp_ts[row])
-                if not start <= ts <= start + cfg.click_window_ms:
-                    reason = Reason.CLICK_OUTSIDE_WINDOW
-                    detail = f"click {ts - start} ms after its exposure, window {cfg.click_window_ms}"
-                elif click_ts[row] < 0:
-                    click_ts[row] = ts
-                    click[row] = 1
-                    wait_until = ts + cfg.convert_window_ms
-                    if wait:
-                        emit_at[row] = closes_at[row] = wait_until
-                    else:
-                        closes_at[row] = max(int(closes_at[row]), wait_until)
+        start = int(c["ts"][row])
+        if not start <= ts <= start + cfg.click_window_ms:
+            return Reason.CLICK_OUTSIDE_WINDOW, f"click {ts - start} ms after its exposure, window {cfg.click_window_ms}"
+        if c["click_ts"][row] < 0:
+            c["click_ts"][row] = ts
+            c["click"][row] = 1
+            wait_until = ts + cfg.convert_window_ms
+            if cfg.policy == "wait":
+                c["emit_at"][row] = c["closes_at"][row] = wait_until
             else:
-                clicked_at = int(click_ts[row])
-                if clicked_at < 0 or ts < clicked_at:
-                    reason = Reason.CONVERT_WITHOUT_CLICK
-                    detail = "no click at or before the conversion"
-                elif ts > clicked_at + cfg.convert_window_ms:
-                    reason = Reason.CONVERT_OUTSIDE_WINDOW
-                    detail = f"conversion {ts - clicked_at} ms after its click, window {cfg.convert_window_ms}"
-                elif convert[row] or late_convert[row]:
-                    pass  # a second conversion changes nothing
-                elif wait or ts <= emit_at[row]:
-                    convert[row] = 1  # before the (first) emission, in event time
-                    if not wait:
-                        closes_at[row] = emit_at[row]  # nothing left to wait for
-                else:
-                    # emit_then_correct, after the first emission in event time (whether or
-                    # not that emission physically happened yet): a correction, now
-                    late_convert[row] = True
-                    closes_at[row] = ts
-                    corrections.append(row)
-                    correction_ts.append(ts)
-            if reason is not None:
-                push[i] = False
-                rejections.append(Rejection(reason, detail, ev.raw[i], int(ev.partition[i]), int(ev.offset[i])))
-        if corrections:
-            emitted.add(np.array(corrections, np.int64), np.array(correction_ts, np.int64), correction=True)
-        return rejections
+                c["closes_at"][row] = max(int(c["closes_at"][row]), wait_until)
+        return None
+
+    def _attach_convert(self, row: int, ts: int, corrections: list[tuple[int, int]]) -> tuple[Reason, str] | None:
+        """A conversion counts after the click, within the convert window; under
+        ``emit_then_correct`` one after the first emission (in event time) is a correction."""
+        cfg = self.config
+        c = self.pool.cols
+        clicked_at = int(c["click_ts"][row])
+        if clicked_at < 0 or ts < clicked_at:
+            return Reason.CONVERT_WITHOUT_CLICK, "no click at or before the conversion"
+        if ts > clicked_at + cfg.convert_window_ms:
+            return Reason.CONVERT_OUTSIDE_WINDOW, f"conversion {ts - clicked_at} ms after its click, window {cfg.convert_window_ms}"
+        if c["convert"][row] or c["late_convert"][row]:
+            return None  # a second conversion changes nothing
+        if cfg.policy == "wait" or ts <= c["emit_at"][row]:
+            c["convert"][row] = 1  # before the (first) emission, in event time
+            if cfg.policy != "wait":
+                c["closes_at"][row] = c["emit_at"][row]  # nothing left to wait for
+        else:
+            # emit_then_correct, after the first emission in event time (whether or not
+            # that emission physically happened yet): a correction, now
+            c["late_convert"][row] = True
+            c["closes_at"][row] = ts
+            corrections.append((row, ts))
+        return None
 
     def _features(self, rows: np.ndarray, exp: EventBatch, view: HistoryView) -> None:
         """History prefix, time features, rank package, negatives and priors of new samples."""
@@ -413,11 +447,7 @@ class LabelJoiner:
         self._release(oldest)
 
     def _release(self, rows: np.ndarray) -> None:
-        c = self.pool.cols
-        index = self._index
-        for key in c["key"][rows[c["indexed"][rows]]].tolist():
-            del index[key]
-        c["indexed"][rows] = False
+        self.open.remove(self.pool.cols["key"][rows], rows)
         self.pool.release(rows)
 
     def _assemble(self, emitted: _Emitted) -> SampleBatch:
@@ -435,12 +465,13 @@ class LabelJoiner:
 
     # ---------------------------------------------------------------- offsets
     def min_live_offsets(self) -> dict[int, int]:
-        """Per partition, the smallest offset still held (staged event or pending
+        """Per partition, the smallest offset still held (buffered, quarantined or pending
         exposure): re-reading from there rebuilds all pending work (at-least-once)."""
         out: dict[int, int] = {}
         live = np.flatnonzero(self.pool.live)
-        parts = [self.pool.cols["partition"][live], *(b.partition for b in self._staged)]
-        offsets = [self.pool.cols["offset"][live], *(b.offset for b in self._staged)]
+        held = self.admission.held
+        parts = [self.pool.cols["partition"][live], held.partition, *(b.partition for b in self._staged)]
+        offsets = [self.pool.cols["offset"][live], held.offset, *(b.offset for b in self._staged)]
         part, off = np.concatenate(parts), np.concatenate(offsets)
         for p in np.unique(part).tolist():
             out[p] = int(off[part == p].min())
@@ -449,47 +480,81 @@ class LabelJoiner:
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         staged = EventBatch.concat(self._staged) if self._staged else EventBatch.empty(self.S, self.D)
-        staged_cols = {name: getattr(staged, name).copy() for name in
-                       ("ts", "etype", "eid", "user", "item", "key", "partition", "offset", "sparse", "dense")}
         return {
             "format_version": FORMAT_VERSION,
             "watermark": self.watermark,
             "bucket": self._bucket,
-            "partition_max": {str(p): t for p, t in sorted(self._partition_max.items())},
+            "finalised_ts": self._finalised_ts,
             "assigned": sorted(self._assigned),
             "counters": dict(self.counters),
-            "staged": {**staged_cols, "raw": pack_bytes(staged.raw.tolist())},
+            "staged": staged.state_dict(),
+            "admission": self.admission.state_dict(),
+            "event_ids": self.event_ids.state_dict(),
+            "exposure_keys": self.exposure_keys.state_dict(),
             "pending": self.pool.state_dict(),
             "history": self.history.state_dict(),
             "item_pool": self.item_pool.state_dict(),
             "popularity": self.popularity.state_dict(),
-            "dedupe": self.dedupe.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"joiner state format {state.get('format_version')!r}, expected {FORMAT_VERSION}")
+        """Restore; a format-1 state (written before the clock guard and the topic-wide
+        checks) is upgraded: its partition max ts become anchored clocks, the topic-wide
+        id windows start empty, and the last finalised time is read off the histories and
+        pending samples. Either way the clocks are then checked against the events the
+        state holds (:meth:`_repair`), so a poisoned clock does not survive the restart."""
+        version = state.get("format_version")
+        if version not in (1, FORMAT_VERSION):
+            raise ValueError(f"joiner state format {version!r}, expected {FORMAT_VERSION} (or 1, upgraded)")
         self.pool.load_state_dict(state["pending"])
         self.history.load_state_dict(state["history"])
         self.item_pool.load_state_dict(state["item_pool"])
         self.popularity.load_state_dict(state["popularity"])
-        self.dedupe.load_state_dict(state["dedupe"])
         self.watermark = int(state["watermark"])
         self._bucket = None if state["bucket"] is None else int(state["bucket"])
-        self._partition_max = {int(p): int(t) for p, t in state["partition_max"].items()}
         self._assigned = {int(p) for p in state["assigned"]}
         self.counters = {**dict.fromkeys(COUNTERS, 0), **{k: int(v) for k, v in state["counters"].items()}}
-        s = state["staged"]
-        raw = np.empty(len(s["ts"]), object)
-        raw[:] = unpack_bytes(s["raw"])
-        staged = EventBatch(
-            ts=np.asarray(s["ts"], np.int64), etype=np.asarray(s["etype"], np.int8), eid=np.asarray(s["eid"], np.int64),
-            user=np.asarray(s["user"], np.int64), item=np.asarray(s["item"], np.int64), key=np.asarray(s["key"], np.int64),
-            partition=np.asarray(s["partition"], np.int32), offset=np.asarray(s["offset"], np.int64),
-            sparse=np.asarray(s["sparse"], np.int64).reshape(-1, self.S),
-            dense=np.asarray(s["dense"], np.float32).reshape(-1, self.D), raw=raw)
-        self._staged = [staged] if len(staged) else []
-        self._staged_count = len(staged)
+        if version == 1:
+            self.admission.load_clocks({int(p): int(t) for p, t in state["partition_max"].items()})
+            self.admission.dedupe.load_state_dict(state["dedupe"])
+            self.event_ids = DedupeWindow(self.config.topic_id_window)
+            self.exposure_keys = DedupeWindow(self.config.topic_id_window)
+            self._finalised_ts = self._latest_finalised_evidence()
+        else:
+            self.admission.load_state_dict(state["admission"])
+            self.event_ids.load_state_dict(state["event_ids"])
+            self.exposure_keys.load_state_dict(state["exposure_keys"])
+            self._finalised_ts = None if state["finalised_ts"] is None else int(state["finalised_ts"])
         c = self.pool.cols
-        rows = np.flatnonzero(self.pool.live & c["indexed"])
-        self._index = dict(zip(c["key"][rows].tolist(), rows.tolist()))
+        live = np.flatnonzero(self.pool.live)
+        live = live[np.lexsort((c["offset"][live], c["partition"][live], c["sample_id"][live], c["ts"][live]))]
+        self.open.rebuild(c["key"][live], live)  # canonical order, as they were finalised
+        self._repair(EventBatch.from_state(state["staged"], self.S, self.D))
+
+    def _latest_finalised_evidence(self) -> int | None:
+        """The latest event time a format-1 state shows as finalised: user histories and
+        pending samples (a lower bound: rejected and evicted events left no trace)."""
+        live = self.pool.cols["ts"][self.pool.live]
+        latest = max(int(self.history.ts.max(initial=0)), int(live.max(initial=0)))
+        return latest or None
+
+    def _repair(self, staged: EventBatch) -> None:
+        """Clocks and watermark a restored state cannot support go back to what it can
+        (counted in ``state_repairs``, logged): staged events far ahead of their partition
+        return to its quarantine, and a watermark beyond every partition's clock falls
+        back to just after the last finalised event (finalisation stays in canonical
+        order; samples the poisoned watermark already emitted cannot be taken back)."""
+        kept, repaired = self.admission.repair(staged, self._finalised_ts)
+        self._staged = [kept] if len(kept) else []
+        self._staged_count = len(kept)
+        self.counters["state_repairs"] += len(repaired)
+        if self.watermark in (NO_WATERMARK, END_OF_TIME):
+            return
+        clocks = [c for c in self.admission.clocks.values() if c is not None]
+        if clocks and self.watermark <= max(clocks) + self.config.max_future_ms:
+            return
+        floor = NO_WATERMARK if self._finalised_ts is None else self._finalised_ts + 1
+        if floor < self.watermark:
+            log.warning("joiner watermark %d is ahead of every partition's clock; back to %d", self.watermark, floor)
+            self.watermark = floor
+            self.counters["state_repairs"] += 1

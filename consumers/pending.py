@@ -12,17 +12,16 @@ import numpy as np
 
 from consumers.schema import RANK_PACKAGE_SLOTS, SAMPLE_FIELDS, SampleBatch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: no "indexed" column (the join index keeps every open exposure); 1 loads without it
 
 # Joiner bookkeeping stored beside the sample fields.
 _INTERNAL = {
-    "key": (np.dtype(np.int64), ()),  # join key (request_id x item_id)
+    "key": (np.dtype(np.int64), ()),  # (request_id x item_id) pair: OpenExposures finds the row by it
     "click_ts": (np.dtype(np.int64), ()),  # ts of the attached click, -1 = none
     "emit_at": (np.dtype(np.int64), ()),  # (first) emission once the watermark is above this event time
     "closes_at": (np.dtype(np.int64), ()),  # event time after which no event can change it: released then
     "emitted": (np.dtype(np.bool_), ()),  # first emission done (emit_then_correct: may still wait for a conversion)
     "late_convert": (np.dtype(np.bool_), ()),  # emit_then_correct: a correction for this sample went out
-    "indexed": (np.dtype(np.bool_), ()),  # the join index points here (False once a newer exposure took the key)
 }
 
 
@@ -78,8 +77,8 @@ class SamplePool:
                 "columns": {name: col[rows] for name, col in self.cols.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"pending state format {state.get('format_version')!r}, expected {FORMAT_VERSION}")
+        if state.get("format_version") not in (1, FORMAT_VERSION):
+            raise ValueError(f"pending state format {state.get('format_version')!r}, expected {FORMAT_VERSION} (or 1)")
         if dict(state["dims"]) != self.dims:
             raise ValueError(f"pending state has dims {state['dims']}, config says {self.dims}")
         columns = state["columns"]

@@ -39,6 +39,10 @@ class Reason(str, Enum):
     CLICK_OUTSIDE_WINDOW = "click_outside_window"  # open exposure, but a repeat click after click_window
     CONVERT_WITHOUT_CLICK = "convert_without_click"  # open exposure, but no click at or before the conversion
     CONVERT_OUTSIDE_WINDOW = "convert_outside_window"  # open exposure (still in its click window), conversion after click + convert_window
+    TS_AHEAD = "ts_ahead"  # held as more than max_future_ms ahead of its partition's event time; later events never confirmed it
+    DUPLICATE_EVENT_ID = "duplicate_event_id"  # event_id already finalised from another partition (ids are unique per topic)
+    LABEL_USER_MISMATCH = "label_user_mismatch"  # (request_id, item_id) matches an open exposure, but of another user_id
+    DUPLICATE_EXPOSURE = "duplicate_exposure"  # same request_id x item_id x user_id as an earlier exposure: a re-send
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,7 @@
 """The event contract (input) and the sample contract (joiner -> trainer).
 
 This module is the single source of truth for both shapes (../shared/DESIGN.md §3-4).
-A *sample batch* is a plain ``dict[str, numpy.ndarray]``, batch-first, one array per
+Decoded events travel as an :class:`EventBatch` (one numpy column per field). A *sample batch* is a plain ``dict[str, numpy.ndarray]``, batch-first, one array per
 field listed in :data:`SAMPLE_FIELDS`. The trainer turns it into tensors with
 ``torch.from_numpy`` (zero copy); Arrow IPC on the ``samples`` topic uses the same names.
 
@@ -20,11 +20,14 @@ Conventions every part relies on:
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from enum import IntEnum
-from typing import Final, Mapping
+from typing import Any, Final, Mapping
 
 import numpy as np
+
+from consumers.state import pack_bytes, unpack_bytes
 
 EVENT_TYPES: Final = ("exposure", "click", "convert")
 MAX_EVENT_ID_LEN: Final = 128
@@ -70,6 +73,67 @@ def hash_feature(name: str, value: str | int | float) -> int:
     """Hash a sparse feature value, namespaced by feature name so values never collide
     across features that share one embedding table."""
     return hash_id(f"{name}={value}")
+
+
+@dataclass(slots=True)
+class EventBatch:
+    """Valid events, one row each, in message order. ``etype`` holds :class:`Action`
+    codes; ``key`` joins clicks/conversions to their exposure (request_id x item);
+    ``raw`` keeps the original bytes for DLQ records that the joiner may write later."""
+
+    ts: np.ndarray  # (n,) int64 ms
+    etype: np.ndarray  # (n,) int8
+    eid: np.ndarray  # (n,) int64 hash_id(event_id); the sample_id of an exposure
+    user: np.ndarray  # (n,) int64
+    item: np.ndarray  # (n,) int64
+    key: np.ndarray  # (n,) int64
+    partition: np.ndarray  # (n,) int32
+    offset: np.ndarray  # (n,) int64
+    sparse: np.ndarray  # (n, S) int64, 0 = missing (always 0 on clicks/conversions)
+    dense: np.ndarray  # (n, D) float32, NaN = missing
+    raw: np.ndarray  # (n,) object: bytes, or None where no DLQ record can follow
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+    def take(self, index: np.ndarray | slice) -> "EventBatch":
+        """Rows ``index`` (int index, bool mask or slice) of every column."""
+        return EventBatch(*[getattr(self, name)[index] for name in _EVENT_COLUMNS])
+
+    @staticmethod
+    def concat(batches: Sequence["EventBatch"]) -> "EventBatch":
+        return EventBatch(*[np.concatenate([getattr(b, name) for b in batches]) for name in _EVENT_COLUMNS])
+
+    @staticmethod
+    def empty(num_sparse: int, num_dense: int) -> "EventBatch":
+        i64 = np.zeros(0, np.int64)
+        return EventBatch(i64, np.zeros(0, np.int8), i64, i64, i64, i64, np.zeros(0, np.int32), i64,
+                          np.zeros((0, num_sparse), np.int64), np.zeros((0, num_dense), np.float32),
+                          np.zeros(0, object))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Copies of the numeric columns plus ``raw`` packed into one byte buffer (no pickle)."""
+        state: dict[str, Any] = {name: getattr(self, name).copy() for name in _NUMERIC_COLUMNS}
+        state["raw"] = pack_bytes(self.raw.tolist())
+        return state
+
+    @staticmethod
+    def from_state(state: Mapping[str, Any], num_sparse: int, num_dense: int) -> "EventBatch":
+        """Inverse of :meth:`state_dict`; ``num_sparse``/``num_dense`` restore the 2-D
+        feature columns when a store flattened an empty one."""
+        raw = np.empty(len(state["ts"]), object)
+        raw[:] = unpack_bytes(state["raw"])
+        columns = {name: np.asarray(state[name], _EVENT_DTYPES[name]) for name in _NUMERIC_COLUMNS}
+        columns["sparse"] = columns["sparse"].reshape(-1, num_sparse)
+        columns["dense"] = columns["dense"].reshape(-1, num_dense)
+        return EventBatch(**columns, raw=raw)
+
+
+_EVENT_COLUMNS: Final = tuple(f.name for f in fields(EventBatch))
+_NUMERIC_COLUMNS: Final = tuple(name for name in _EVENT_COLUMNS if name != "raw")
+_EVENT_DTYPES: Final = {"ts": np.int64, "etype": np.int8, "eid": np.int64, "user": np.int64, "item": np.int64,
+                        "key": np.int64, "partition": np.int32, "offset": np.int64, "sparse": np.int64,
+                        "dense": np.float32}
 
 
 @dataclass(frozen=True)

@@ -179,21 +179,26 @@ def test_emission_order_is_emit_time_then_ts_then_sample_id() -> None:
 # ------------------------------------------------------------------ watermark and partitions
 def test_watermark_is_the_minimum_over_assigned_partitions() -> None:
     run = Run(partitions=2)
-    fast = [ev(f"f{i}", "exposure", T0 + i * 10_000, user="fast", request=f"f{i}") for i in range(20)]
+    n = CFG.confirm_events  # a partition's time counts once that many consistent events anchored it
+    fast = [ev(f"f{i}", "exposure", T0 + i * 10_000, user="fast", request=f"f{i}") for i in range(n + 8)]
+    fast_top = T0 + (n + 7) * 10_000
     p_fast = partition_of("fast", 2)
     slow_user = next(f"s{i}" for i in range(100) if partition_of(f"s{i}", 2) != p_fast)
     run.feed(fast)
     assert run.joiner.watermark < T0  # the other partition has seen nothing: hold everything
-    assert run.joiner.partition_watermarks == {p_fast: T0 + 190_000 - CFG.allowed_lateness_ms, 1 - p_fast: None}
+    assert run.joiner.partition_watermarks == {p_fast: fast_top - CFG.allowed_lateness_ms, 1 - p_fast: None}
     assert len(run.samples["sample_id"]) == 0 and run.joiner.pending == 0 and run.joiner.buffered == len(fast)
-    run.feed([ev("s0", "exposure", T0 + 100_000, user=slow_user, request="s0")])
+    slow = [ev(f"s{i}", "exposure", T0 + 100_000, user=slow_user, request=f"s{i}") for i in range(n)]
+    run.feed(slow[:-1])
+    assert run.joiner.partition_watermarks[1 - p_fast] is None  # its first events alone do not anchor it
+    run.feed(slow[-1:])
     expected_wm = T0 + 100_000 - CFG.allowed_lateness_ms
     assert run.joiner.watermark == expected_wm
     emitted = run.samples["ts"]
     assert len(emitted) > 0 and (emitted + CFG.click_window_ms < expected_wm).all()
     run.joiner.revoke([1 - p_fast])  # the slow partition goes away: the fast one alone decides
     run._take(run.joiner.advance())
-    assert run.joiner.watermark == T0 + 190_000 - CFG.allowed_lateness_ms
+    assert run.joiner.watermark == fast_top - CFG.allowed_lateness_ms
 
 
 def test_pending_cap_forces_the_oldest_out_once() -> None:
