@@ -6,7 +6,7 @@ Messages are processed in whatever order the source delivers them, and that is s
 the joiner's output is a pure function of *each partition's own message sequence*
 (see :mod:`consumers.joiner`). Everything order-sensitive is per partition (dedupe
 window, the too-late test against the partition's own watermark) or happens in
-canonical event-time order ``(ts, type, event-id hash)`` behind the joiner watermark
+canonical event-time order ``(ts, type, event-id hash, partition, offset)`` behind the joiner watermark
 (labels, histories, popularity, negatives), and samples leave in the global order
 ``(emit time, ts, sample_id, is_correction)``. So no interleaving of partitions, no
 poll size and no timing of ``advance`` changes which samples come out or their order.
@@ -106,6 +106,13 @@ class IngestPipeline:
     def watermark(self) -> int:
         """The joiner's event-time watermark (ms): samples with windows before it are out."""
         return int(self.joiner.watermark)
+
+    @property
+    def held(self) -> dict[str, int]:
+        """What the joiner holds now: samples pending their labels, events waiting for the
+        watermark, events quarantined ahead of their partition's clock."""
+        return {"pending_samples": self.joiner.pending, "buffered_events": self.joiner.buffered,
+                "quarantined_events": self.joiner.quarantined}
 
     def deliver_dlq(self, timeout_s: float) -> int:
         """Wait until the DLQ records produced so far are delivered; returns how many are not."""

@@ -100,6 +100,19 @@ class ListSource:
         self._paused = True
 
 
+def pipeline_checkpoint(pipeline: IngestPipeline) -> dict[str, Any]:
+    """What a checkpoint holds of a pipeline: its state and, beside it, its positions (the
+    daemon keeps those in the manifest). JSON-safe keys, as in a real checkpoint."""
+    positions = {t: {str(p): o for p, o in parts.items()} for t, parts in pipeline.positions().items()}
+    return {"pipeline": pipeline.state_dict(), "positions": positions}
+
+
+def restore_pipeline(pipeline: IngestPipeline, checkpoint: Mapping[str, Any]) -> None:
+    """Restore :func:`pipeline_checkpoint` output: the state, then a seek to the positions."""
+    pipeline.load_state_dict(checkpoint["pipeline"])
+    pipeline.seek({t: {int(p): int(o) for p, o in parts.items()} for t, parts in checkpoint["positions"].items()})
+
+
 class BatchedPipeline:
     """A pipeline cut into fixed-size batches the way the daemon does it (pipeline ->
     :class:`~consumers.batching.SampleBuffer`), with one state for both plus the positions:
@@ -129,13 +142,11 @@ class BatchedPipeline:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        positions = {t: {str(p): o for p, o in parts.items()} for t, parts in self.pipeline.positions().items()}
-        return {"pipeline": self.pipeline.state_dict(), "buffer": self.buffer.state_dict(), "positions": positions}
+        return {**pipeline_checkpoint(self.pipeline), "buffer": self.buffer.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.pipeline.load_state_dict(state["pipeline"])
+        restore_pipeline(self.pipeline, state)
         self.buffer.load_state_dict(state["buffer"])
-        self.pipeline.seek({t: {int(p): int(o) for p, o in parts.items()} for t, parts in state["positions"].items()})
 
 
 def producer_key(value: bytes | None) -> bytes | None:

@@ -27,7 +27,7 @@ from consumers.popularity import InProcessPopularity
 from consumers.reasons import Rejection
 from consumers.schema import EventBatch, SampleBatch, concat_batches, empty_batch, hash_id
 from consumers.state import flatten_state, states_equal, unflatten_state
-from consumers.testing import ListDlqSink, ListSource
+from consumers.testing import ListDlqSink, ListSource, pipeline_checkpoint, restore_pipeline
 
 T0 = 1_767_225_600_000  # 2026-01-01
 Y2099 = 4_070_908_800_000  # 2099-01-01: passes the decoder (its bound is 2100)
@@ -223,13 +223,13 @@ def test_a_restart_mid_quarantine_gives_the_uninterrupted_output(nth_held: int) 
     while seen_held < nth_held:  # checkpoint at the nth poll that leaves something quarantined
         before += first.poll(2)
         seen_held += first.joiner.quarantined > 0
-    state = through_npz(first.state_dict())
+    state = through_npz(pipeline_checkpoint(first))
     first_dlq: Any = first.dlq
     dead_before = list(first_dlq.rejections)
     first.poll(2)  # progress after the checkpoint is lost with the crash
 
     second = make_pipeline(logs, seed=8)  # another interleaving after the restart
-    second.load_state_dict(state)
+    restore_pipeline(second, state)
     after = run(logs, pipeline=second, poll=5)
     assert states_equal(joined([*before, *after.batches]), reference.samples)
     assert sorted((r.reason, r.partition, r.offset) for r in dead_before + after.dlq) == \
@@ -249,7 +249,7 @@ def poisoned_event(partition: int, user: str, offset: int) -> EventBatch:
 def plant_poison(state: dict[str, Any], partition: int, user: str, watermark: bool = False) -> dict[str, Any]:
     """What the pre-guard joiner saved after trusting a 2099 event: the event staged and the
     partition's clock (and, with one partition, the watermark) in 2099."""
-    joiner = state["joiner"]
+    joiner = state["pipeline"]["joiner"]
     staged = EventBatch.from_state(joiner["staged"], len(CFG.sparse_features), len(CFG.dense_features))
     joiner["staged"] = EventBatch.concat([staged, poisoned_event(partition, user, 10**6)]).state_dict()
     joiner["admission"]["partitions"][str(partition)]["clock"] = Y2099
@@ -268,11 +268,11 @@ def test_a_poisoned_clock_in_a_restored_state_is_repaired(partitions: int, caplo
         before += first.poll(5)
     first_dlq: Any = first.dlq
     dead_before = list(first_dlq.rejections)
-    state = through_npz(plant_poison(first.state_dict(), 0, "p0-a", watermark=partitions == 1))
+    state = through_npz(plant_poison(pipeline_checkpoint(first), 0, "p0-a", watermark=partitions == 1))
 
     second = make_pipeline(logs)
     with caplog.at_level(logging.WARNING):
-        second.load_state_dict(state)
+        restore_pipeline(second, state)
     assert second.joiner.counters["state_repairs"] == (1 if partitions == 2 else 2)  # + the watermark
     assert "partition 0" in caplog.text
     assert second.joiner.partition_watermarks[0] < T0 + DAY  # type: ignore[operator]
@@ -439,7 +439,7 @@ def test_hostile_output_is_the_same_for_any_interleaving_batching_and_restart(
     first_dlq: Any = first.dlq
     dead_before = list(first_dlq.rejections)
     second = make_pipeline(logs, seed=seed + 1)
-    second.load_state_dict(through_npz(first.state_dict()))
+    restore_pipeline(second, through_npz(pipeline_checkpoint(first)))
     after = run(logs, poll=poll, pipeline=second)
     assert states_equal(joined([*before, *after.batches]), reference.samples)
     assert dead_letters(dead_before + after.dlq) == dead_letters(reference.dlq)

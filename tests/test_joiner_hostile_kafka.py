@@ -20,7 +20,7 @@ from consumers.pipeline import IngestPipeline
 from consumers.runtime import build_pipeline, make_producer
 from consumers.schema import SampleBatch, concat_batches, hash_id
 from consumers.state import flatten_state, states_equal, unflatten_state
-from consumers.testing import reference_labels
+from consumers.testing import BatchedPipeline, reference_labels
 from test_consumers_kafka import read_topic, source_config
 
 pytestmark = pytest.mark.integration
@@ -63,17 +63,19 @@ def produce_logs(bootstrap: str, topic: str, logs: Logs) -> int:
     return n
 
 
-def kafka_pipeline(bootstrap: str, topic: str, batch_size: int | None = None) -> IngestPipeline:
+def kafka_pipeline(bootstrap: str, topic: str) -> IngestPipeline:
     config = IngestConfig(source=source_config(bootstrap, topic), joiner=JOINER, dlq_topic=f"{topic}.dlq")
-    return build_pipeline(config, make_producer(config), batch_size=batch_size)
+    return build_pipeline(config, make_producer(config))
 
 
-def consume(pipeline: IngestPipeline, total: int, flush: bool = True, timeout_s: float = 60.0) -> list[SampleBatch]:
+def consume(pipeline: IngestPipeline | BatchedPipeline, total: int, flush: bool = True,
+            timeout_s: float = 60.0) -> list[SampleBatch]:
+    inner = pipeline.pipeline if isinstance(pipeline, BatchedPipeline) else pipeline
     batches: list[SampleBatch] = []
     deadline = time.monotonic() + timeout_s
-    while pipeline.stats["messages"] < total and time.monotonic() < deadline:
+    while inner.stats["messages"] < total and time.monotonic() < deadline:
         batches += pipeline.poll(500, 0.2)
-    assert pipeline.stats["messages"] == total
+    assert inner.stats["messages"] == total
     return batches + (pipeline.flush() if flush else [])
 
 
@@ -157,29 +159,31 @@ def test_a_restart_while_events_are_quarantined_reproduces_the_batches(broker: A
     p1 = [*steady("b", 40, ("b1",)), *steady("b2", 60, ("b1",), start=T0 + DAY)]
     broker.create_topics([unique_name, f"{unique_name}.dlq"], partitions=2)
     total = produce_logs(broker.bootstrap_servers, unique_name, {0: p0, 1: p1})
-    uninterrupted = kafka_pipeline(broker.bootstrap_servers, unique_name, batch_size=16)
+    uninterrupted = BatchedPipeline(kafka_pipeline(broker.bootstrap_servers, unique_name), 16)
     try:
         reference = consume(uninterrupted, total)
     finally:
-        uninterrupted.close()
+        uninterrupted.pipeline.close()
     valid = [e for e in p0 + p1 if e["event_id"] != "bad"]
     assert labels_of(concat_batches(reference)) == reference_labels(valid, JOINER)
-    first = kafka_pipeline(broker.bootstrap_servers, unique_name, batch_size=16)
+    first = BatchedPipeline(kafka_pipeline(broker.bootstrap_servers, unique_name), 16)
+    inner = first.pipeline
     before: list[SampleBatch] = []
     try:
-        while (first.joiner.quarantined == 0 or first.stats["messages"] < total // 2) and first.stats["messages"] < total:
+        while (inner.joiner.quarantined == 0 or inner.stats["messages"] < total // 2) and inner.stats["messages"] < total:
             before += first.poll(7, 0.2)
-        assert first.joiner.quarantined > 0
+        assert inner.joiner.quarantined > 0
         doc, arrays = flatten_state(first.state_dict())
         first.poll(7, 0.2)  # consumed after the checkpoint: lost in the crash, re-read after it
     finally:
-        first.close()
-    second = kafka_pipeline(broker.bootstrap_servers, unique_name, batch_size=16)
+        inner.close()
+    second = BatchedPipeline(kafka_pipeline(broker.bootstrap_servers, unique_name), 16)
     try:
         second.load_state_dict(unflatten_state(orjson.loads(orjson.dumps(doc)), arrays))
         after = consume(second, total)
     finally:
-        second.close()
+        second.pipeline.close()
     resumed = before + after
     assert len(resumed) == len(reference) and all(states_equal(x, y) for x, y in zip(resumed, reference))
-    assert second.counters["dlq.ts_ahead"] == 1 and second.counters["state_repairs"] == 0
+    counters = second.pipeline.counters
+    assert counters["dlq.ts_ahead"] == 1 and counters["state_repairs"] == 0

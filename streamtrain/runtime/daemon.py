@@ -319,6 +319,7 @@ class Daemon:
             lag=self.pipeline.lag(),
             watermark=self.pipeline.watermark,
             counters=self.pipeline.counters,
+            held=self.pipeline.held,
             tables=tables,
             last_checkpoint=self.last_checkpoint,
             last_checkpoint_wall=self._last_checkpoint_wall,

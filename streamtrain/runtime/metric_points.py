@@ -22,6 +22,17 @@ _PIPELINE_COUNTERS = {
     "corrections_emitted": ("streamtrain_samples_corrected", "emit_then_correct correction samples emitted."),
     "duplicates": ("streamtrain_events_duplicate", "Events dropped as duplicate event_id."),
     "forced_emissions": ("streamtrain_samples_forced", "Samples emitted early because the pending cap was hit."),
+    "events_quarantined": ("streamtrain_events_quarantined",
+                           "Events held because they were far ahead of their partition's clock."),
+    "partition_anchors": ("streamtrain_partition_anchors", "Partition clocks set or moved by a confirmed run of events."),
+    "forced_anchors": ("streamtrain_partition_forced_anchors",
+                       "Partition clocks anchored because the quarantine overflowed or the input ended."),
+    "forced_watermark_advances": ("streamtrain_watermark_forced_advances",
+                                  "Watermark pushed on because the reorder buffer was full."),
+    "conversion_waits_expired": ("streamtrain_conversion_waits_expired",
+                                 "Clicked samples whose conversion window closed without one."),
+    "state_repairs": ("streamtrain_joiner_state_repairs",
+                      "Partition clocks (or the watermark) a restored state could not support, repaired."),
 }
 
 _TABLE_COUNTERS = ("admissions", "evictions", "spills", "cold_hits", "cold_misses", "rejections")
@@ -58,6 +69,8 @@ def _points(status: DaemonStatus, now: float) -> Iterator[Point]:
         yield Point("streamtrain_consumer_lag_messages", "gauge",
                     "Messages between the consumer's position and the end of the partition.",
                     max(0, lag), {"topic": status.topic, "partition": str(partition)})
+    for key, value in status.held.items():
+        yield Point(f"streamtrain_joiner_{key}", "gauge", f"Joiner {key.replace('_', ' ')} right now.", value)
     if status.watermark is not None:
         yield Point("streamtrain_watermark_seconds", "gauge", "Event-time watermark of the joiner (unix seconds).",
                     status.watermark / 1000.0)

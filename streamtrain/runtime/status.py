@@ -44,6 +44,7 @@ class DaemonStatus:
     lag: dict[int, int] = field(default_factory=dict)  # {partition: messages behind the end}
     watermark: int | None = None  # joiner event-time watermark, ms
     counters: dict[str, int] = field(default_factory=dict)  # pipeline counters (dlq.<reason>, joiner, ...)
+    held: dict[str, int] = field(default_factory=dict)  # IngestPipeline.held: pending/buffered/quarantined
     tables: dict[str, TableStatus] = field(default_factory=dict)
     last_checkpoint: str | None = None
     last_checkpoint_wall: float | None = None  # unix seconds of its commit, by this process
