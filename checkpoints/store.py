@@ -155,6 +155,7 @@ class CheckpointStore:
         self._clock = clock
         self._fs = fs if fs is not None else FileSystem(fsync=self.config.fsync)
         self._lock: WriterLock | None = None
+        self._continues: str | None = None  # see continue_from()
         if not readonly:
             self.root.mkdir(parents=True, exist_ok=True)
             self._lock = WriterLock(self.root / LOCK_FILE)
@@ -221,6 +222,7 @@ class CheckpointStore:
                 manifest = existing
             self._fs.fsync_dir(self.root)
             self._fs.write_pointer(self.root / LATEST_FILE, name)  # the commit point
+            self._continues = None  # LATEST is the head of this writer's lineage again
         except Exception as exc:
             # Whatever failed, the temp dir is garbage, and so is a replaced checkpoint
             # once the new one took its name (aside is only set after that rename).
@@ -285,9 +287,19 @@ class CheckpointStore:
             raise
         return aside
 
+    def continue_from(self, name: str) -> None:
+        """Declare that the state saved next descends from checkpoint ``name`` (the one the
+        writer restored): the next save names it as parent. Without it the parent is what
+        LATEST names — wrong when a restore fell back past a damaged LATEST, or resumed
+        from an older checkpoint by name: the sample ledger chain would then count the
+        retrained samples twice."""
+        self._require_writable()
+        self._continues = name
+
     def _parent_for(self, name: str) -> str | None:
-        """LATEST's name, or - when re-saving LATEST's own step - LATEST's parent."""
-        parent = self._latest_pointer()
+        """The checkpoint the saved state descends from (:meth:`continue_from`, else
+        LATEST), or - when re-saving that checkpoint's own step - its parent."""
+        parent = self._continues or self._latest_pointer()
         if parent is None or parse_step(parent) is None:
             return None
         if parent == name:
@@ -467,6 +479,7 @@ class CheckpointStore:
         names = self._names()
         try:
             self._fs.write_pointer(self.root / LATEST_FILE, name)
+            self._continues = None  # training goes on from the rollback target, which LATEST names
             plan = plan_rollback(name, names, self.daily_pointers())
             self._remove_daily_pointers(plan.drop_days)
             moved_to = self._move_aside(plan.move) if plan.move else None

@@ -412,3 +412,21 @@ def test_checkpoints_is_a_leaf_package() -> None:
             else:
                 continue
             assert not roots & forbidden, f"{path.name} imports {roots & forbidden}"
+
+
+def test_a_save_after_restoring_past_a_damaged_latest_names_what_was_restored(store: CheckpointStore) -> None:
+    """LATEST damaged, the restore falls back to the one before: the next save must descend
+    from that one, or the ledger chain would run through the damaged checkpoint and count
+    the samples trained again after the fallback twice."""
+    for step in (1, 2, 3):
+        save_step(store, step)
+    damaged = store.root / checkpoint_name(3)
+    victim = next(p for p in damaged.iterdir() if p.suffix == ".json" and p.name != "MANIFEST.json")
+    victim.write_bytes(victim.read_bytes()[:-1] + b" ")
+    restored = store.load()
+    assert restored.name == checkpoint_name(2) and restored.skipped
+    store.continue_from(restored.name)
+    info = store.save(4, make_components(4), offsets={}, watermark=None, config_hash="cfg")
+    assert info.manifest.parent == checkpoint_name(2)
+    nxt = store.save(5, make_components(5), offsets={}, watermark=None, config_hash="cfg")
+    assert nxt.manifest.parent == checkpoint_name(4)  # after a save, LATEST leads again
