@@ -73,6 +73,9 @@ class RecordingSink:
         self.ts.append(orjson.loads(event.value)["ts"])
         self.partition.append(zlib.crc32(event.key) % self.partitions)
 
+    def end_of_input(self) -> None:
+        self.inner.end_of_input()
+
     def close(self) -> None:
         self.inner.close()
 

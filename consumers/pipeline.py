@@ -36,7 +36,7 @@ from consumers.source import MessageSource, Offsets
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: positions and the sample carry left the state (manifest offsets; SampleBuffer)
+FORMAT_VERSION = 2  # 2: positions and the sample carry left the state (manifest offsets; SampleBuffer); ended partitions
 
 STATS = (
     "messages",  # consumed from the source
@@ -63,13 +63,17 @@ class IngestPipeline:
         self.dlq = dlq
         self.dlq_counts: dict[str, int] = {r.value: 0 for r in Reason}
         self.stats: dict[str, int] = dict.fromkeys(STATS, 0)
+        self._assigned: set[int] = set()
+        self._ended: set[int] = set()  # partitions whose end-of-input marker was read (consumers/markers.py)
         source.set_listener(self)
 
     # ------------------------------------------------------------ rebalance hooks
     def on_assign(self, partitions: list[int]) -> None:
+        self._assigned.update(partitions)
         self.joiner.assign(partitions)
 
     def on_revoke(self, partitions: list[int]) -> None:
+        self._assigned.difference_update(partitions)
         self.joiner.revoke(partitions)
 
     # ------------------------------------------------------------ the loop
@@ -84,7 +88,9 @@ class IngestPipeline:
                 self.stats[name] += count
             rejections += decoded.rejections
             rejections += self.joiner.ingest(decoded.events)
-        emission = self.joiner.advance()
+        self._ended.update(messages.ended)
+        # Every assigned partition ended: nothing can come before any pending window closes.
+        emission = self.joiner.flush() if self.end_of_input else self.joiner.advance()
         rejections += emission.rejections
         self._dead_letter(rejections)
         return _nonempty(emission.samples)
@@ -101,6 +107,12 @@ class IngestPipeline:
         for r in rejections:
             self.dlq_counts[r.reason.value] += 1
         self.dlq.send(rejections)
+
+    @property
+    def end_of_input(self) -> bool:
+        """Every assigned partition has reached its end-of-input marker: after the poll that
+        read the last one, every sample has been emitted."""
+        return bool(self._assigned) and self._assigned <= self._ended
 
     @property
     def watermark(self) -> int:
@@ -161,6 +173,7 @@ class IngestPipeline:
             "joiner": self.joiner.state_dict(),
             "dlq_counts": dict(self.dlq_counts),
             "stats": dict(self.stats),
+            "ended": sorted(self._ended),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -170,6 +183,7 @@ class IngestPipeline:
         self.joiner.load_state_dict(state["joiner"])
         self.dlq_counts = {r.value: 0 for r in Reason} | {k: int(v) for k, v in state["dlq_counts"].items()}
         self.stats = dict.fromkeys(STATS, 0) | {k: int(v) for k, v in state["stats"].items()}
+        self._ended = {int(p) for p in state["ended"]}
 
 
 def _nonempty(samples: SampleBatch) -> list[SampleBatch]:

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, OFFSET_INVALID, Consumer, KafkaError, KafkaException, TopicPartition
 
 from consumers.config import KafkaSourceConfig
+from consumers.markers import is_end_of_input
 from consumers.ratelimit import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class MessageBatch:
     partitions: list[int] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
     keys: list[bytes | None] = field(default_factory=list)  # message keys; DESIGN §3: the user id
+    ended: list[int] = field(default_factory=list)  # partitions whose end-of-input marker this poll read
 
     def __len__(self) -> int:
         return len(self.values)
@@ -193,11 +195,15 @@ class KafkaSource:
         if failed:
             messages = [m for m in messages if m.error() is None]
         messages = self._drop_stale(messages)
+        self._positions.update({m.partition(): m.offset() + 1 for m in messages})  # last one wins
+        if any(not m.value() and is_end_of_input(m.value(), m.headers()) for m in messages):
+            ended = [not m.value() and is_end_of_input(m.value(), m.headers()) for m in messages]
+            batch.ended = sorted({m.partition() for m, end in zip(messages, ended) if end})
+            messages = [m for m, end in zip(messages, ended) if not end]
         batch.values = [m.value() for m in messages]
         batch.partitions = [m.partition() for m in messages]
         batch.offsets = [m.offset() for m in messages]
         batch.keys = [m.key() for m in messages]
-        self._positions.update({p: o + 1 for p, o in zip(batch.partitions, batch.offsets)})  # last one wins
         return batch
 
     def _drop_stale(self, messages: list[Any]) -> list[Any]:

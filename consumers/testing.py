@@ -33,8 +33,10 @@ class ListSource:
     """
 
     def __init__(self, partitions: Mapping[int, Sequence[bytes | None]], topic: str = "events",
-                 interleave_seed: int | None = None, keys: Mapping[int, Sequence[bytes | None]] | None = None) -> None:
+                 interleave_seed: int | None = None, keys: Mapping[int, Sequence[bytes | None]] | None = None,
+                 end_of_input: bool = False) -> None:
         self.topic = topic
+        self._markers = int(end_of_input)  # each log is followed by an end-of-input marker
         self._logs: dict[int, list[bytes | None]] = {p: list(v) for p, v in sorted(partitions.items())}
         if keys is None:
             keys = {p: [producer_key(v) for v in log] for p, log in self._logs.items()}
@@ -57,7 +59,7 @@ class ListSource:
         if self._paused:
             return batch
         while len(batch) < max_messages:
-            ready = [p for p in self._logs if self._next[p] < len(self._logs[p])]
+            ready = [p for p in self._logs if self._next[p] < len(self._logs[p]) + self._markers]
             if not ready:
                 break
             if self._rng is None:
@@ -66,6 +68,10 @@ class ListSource:
             else:
                 p = ready[int(self._rng.integers(len(ready)))]
             offset = self._next[p]
+            if offset == len(self._logs[p]):  # the end-of-input marker
+                batch.ended.append(p)
+                self._next[p] = offset + 1
+                continue
             batch.values.append(self._logs[p][offset])
             batch.partitions.append(p)
             batch.offsets.append(offset)
@@ -74,7 +80,8 @@ class ListSource:
         return batch
 
     def remaining(self) -> int:
-        return sum(len(log) - self._next[p] for p, log in self._logs.items())
+        """Messages (markers included) not consumed yet."""
+        return sum(len(log) + self._markers - self._next[p] for p, log in self._logs.items())
 
     def positions(self) -> Offsets:
         return {self.topic: dict(self._next)}
@@ -88,7 +95,7 @@ class ListSource:
         return True
 
     def lag(self) -> dict[int, int]:
-        return {p: len(log) - self._next[p] for p, log in self._logs.items()}
+        return {p: len(log) + self._markers - self._next[p] for p, log in self._logs.items()}
 
     def pause(self) -> None:
         self._paused = True

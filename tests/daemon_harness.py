@@ -49,15 +49,16 @@ def write_config(path: Path, bootstrap: str, topic: str, run_dir: Path, **overri
     return path
 
 
-def produce_log(bootstrap: str, topic: str, **sim: Any) -> dict[str, Any]:
-    """Produce a fixed, seeded event log (conversions within SMALL_CONFIG's windows);
-    returns the simulator's summary."""
+def produce_log(bootstrap: str, topic: str, mark_end: bool = False, **sim: Any) -> dict[str, Any]:
+    """Produce a fixed, seeded event log (conversions within SMALL_CONFIG's windows), with
+    ``mark_end`` ended by an end-of-input marker per partition (a daemon then trains every
+    sample and exits); returns the simulator's summary."""
     from streamtrain.services.topics import create_topics
 
     create_topics(bootstrap, [topic, f"{topic}.dlq"], partitions=2)
     sim = {"convert_delay_median_s": 20.0, "max_convert_delay_s": 50.0, **sim}
     clicked: list[int] = []
-    stats = run_simulation(SimulatorConfig(**sim), KafkaSink(bootstrap, topic),
+    stats = run_simulation(SimulatorConfig(**sim), KafkaSink(bootstrap, topic, mark_end=mark_end),
                            truth_sink=lambda t: clicked.append(hash_id(t["event_id"])) if t["click"] else None)
     return {**stats.summary(), "clicked_sample_ids": np.array(clicked, np.int64)}
 

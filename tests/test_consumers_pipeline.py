@@ -191,3 +191,26 @@ def test_blocking_producer_waits_out_a_full_queue_instead_of_dropping() -> None:
     inner = FullThenFree()
     BlockingProducer(inner).produce("events.dlq", b"record", key=b"k")
     assert inner.messages == [("events.dlq", b"record", b"k")] and inner.polls == 3
+
+
+def test_end_of_input_markers_release_every_sample_and_are_not_events() -> None:
+    """A finite log ended by a marker per partition: once the last partition's marker is
+    read, every pending sample is out (as flush() would give), and no marker is a message,
+    a DLQ record or a counted event. The state remembers which partitions ended."""
+    logs = stream(seed=6, exposures=300)
+    reference = pipeline(logs)
+    flushed = concat_batches(drain(reference, poll_size=37))
+    marked = BatchedPipeline(IngestPipeline(ListSource(logs, end_of_input=True), *_parts()), 64)
+    got: list[SampleBatch] = []
+    while not marked.pipeline.end_of_input:
+        got += marked.poll(37)
+    rest = marked.buffer.drain()
+    assert states_equal(concat_batches(got + ([rest] if rest is not None else [])), flushed)
+    assert marked.pipeline.stats["messages"] == sum(len(v) for v in logs.values())
+    assert marked.pipeline.counters == reference.pipeline.counters  # the same DLQ records, nothing for markers
+    assert marked.pipeline.state_dict()["ended"] == list(range(PARTITIONS))
+
+
+def _parts(cfg: JoinerConfig = CFG) -> tuple[EventDecoder, LabelJoiner, ListDlqSink]:
+    decoder = EventDecoder(DecoderConfig(), cfg.sparse_features, cfg.dense_features)
+    return decoder, LabelJoiner(cfg, InProcessPopularity(PopularityConfig())), ListDlqSink()

@@ -24,14 +24,15 @@ from daemon_harness import final_state, produce_log, start_daemon, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-TARGET_SAMPLES = 4096  # a multiple of the batch size: a deterministic stop point
+EXPOSURES = 4500  # asked of the simulator (it finishes the last request); every one becomes a sample
 KILLS = 5
 
 
 @pytest.fixture(scope="module")
 def produced(kafka_bootstrap: str) -> dict:
     topic = f"recovery-{time.time_ns()}"
-    return {**produce_log(kafka_bootstrap, topic, seed=11, exposures=7000, users=300, items=800), "topic": topic}
+    log = produce_log(kafka_bootstrap, topic, mark_end=True, seed=11, exposures=EXPOSURES, users=300, items=800)
+    return {**log, "topic": topic}
 
 
 @pytest.fixture(scope="module")
@@ -40,17 +41,21 @@ def event_log(produced: dict) -> str:
 
 
 @pytest.fixture(scope="module")
-def reference(kafka_bootstrap: str, event_log: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Run dir of one uninterrupted run to TARGET_SAMPLES."""
+def reference(kafka_bootstrap: str, event_log: str, produced: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Run dir of one uninterrupted run to the end of the log: every exposure trained."""
     tmp = tmp_path_factory.mktemp("reference")
     config = write_config(tmp / "reference.yaml", kafka_bootstrap, event_log, tmp / "run")
     _run_to_end(config, tmp / "reference.log")
+    assert final_state(tmp / "run").components["trainer"]["samples"] == produced["exposures"]
     return tmp / "run"
 
 
-def _run_to_end(config: Path, log: Path, samples: int = TARGET_SAMPLES) -> None:
-    proc = start_daemon(config, "--stop-after-samples", str(samples), log_path=log)
-    assert proc.wait(timeout=240) == 0, log.read_text()[-3000:]
+def _run_to_end(config: Path, log: Path, *args: str) -> None:
+    """Run the daemon until it exits by itself: at the end of the log (or ``args``' stop point).
+    Ending where the log ends makes the final state — what was consumed, joined, buffered —
+    the same however the run was interrupted, so the whole of it can be compared."""
+    proc = start_daemon(config, *args, log_path=log)
+    assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
 
 
 # What a disturbed run may hold differently from the uninterrupted one, and why. Everything
@@ -66,13 +71,14 @@ NOT_REPLAYED = {
 
 def assert_same_as_reference(run_dir: Path, reference_dir: Path, what: object) -> None:
     reference, got = final_state(reference_dir), final_state(run_dir)
-    assert got.components["trainer"]["samples"] == reference.components["trainer"]["samples"] == TARGET_SAMPLES
+    samples = reference.components["trainer"]["samples"]
+    assert got.components["trainer"]["samples"] == samples
     differences = state_differences(reference.components, got.components, NOT_REPLAYED)
     assert not differences, f"state differs from the uninterrupted run after {what}:\n" + "\n".join(differences[:40])
     assert got.offsets == reference.offsets and got.watermark == reference.watermark
     ref_ids = ledger_chain(reference_dir / "checkpoints").sample_ids()
     got_ids = ledger_chain(run_dir / "checkpoints").sample_ids()
-    assert len(got_ids) == TARGET_SAMPLES and len(np.unique(got_ids)) == TARGET_SAMPLES, "a sample trained twice or lost"
+    assert len(got_ids) == samples and len(np.unique(got_ids)) == samples, "a sample trained twice or lost"
     assert np.array_equal(np.sort(got_ids), np.sort(ref_ids))
 
 
@@ -112,7 +118,7 @@ def test_sigkilled_daemon_trains_every_sample_exactly_once_and_matches_uninterru
     rng = random.Random(1234)
     kills = []
     for i in range(KILLS):
-        proc = start_daemon(config, "--stop-after-samples", str(TARGET_SAMPLES), log_path=tmp_path / "crashed.log")
+        proc = start_daemon(config, log_path=tmp_path / "crashed.log")
         kills.append(_kill_at(proc, run_dir / "checkpoints", rng, during_write=(i % 2 == 0)))
         proc.wait(timeout=30)
     assert sum(k == "during checkpoint write" for k in kills) >= 1, kills
@@ -129,13 +135,13 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_0(
 ) -> None:
     run_dir = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", kafka_bootstrap, event_log, run_dir)
-    proc = start_daemon(config, "--stop-after-samples", str(TARGET_SAMPLES), log_path=tmp_path / "log")
+    proc = start_daemon(config, log_path=tmp_path / "log")
     _wait_for_first_checkpoint(run_dir / "checkpoints")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0, (tmp_path / "log").read_text()[-3000:]
     stopped = final_state(run_dir)
     assert stopped.manifest.extra["reason"] == "shutdown"
-    assert 0 < stopped.components["trainer"]["samples"] < TARGET_SAMPLES
+    assert 0 < stopped.components["trainer"]["samples"] < EXPOSURES
     _run_to_end(config, tmp_path / "log")
     assert_same_as_reference(run_dir, reference, "SIGTERM + resume")
 
@@ -145,7 +151,7 @@ def test_broker_stall_loses_and_duplicates_nothing(
 ) -> None:
     run_dir = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", kafka_bootstrap, event_log, run_dir)
-    proc = start_daemon(config, "--stop-after-samples", str(TARGET_SAMPLES), log_path=tmp_path / "log")
+    proc = start_daemon(config, log_path=tmp_path / "log")
     _wait_for_first_checkpoint(run_dir / "checkpoints")
     broker.pause()  # type: ignore[attr-defined]
     try:
@@ -162,7 +168,7 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_previous(
 ) -> None:
     run_dir = tmp_path / "run"
     config = write_config(tmp_path / "c.yaml", kafka_bootstrap, event_log, run_dir)
-    _run_to_end(config, tmp_path / "log", samples=TARGET_SAMPLES // 2)
+    _run_to_end(config, tmp_path / "log", "--stop-after-samples", str(EXPOSURES // 2 // 64 * 64))
     root = run_dir / "checkpoints"
     latest = root / (root / "LATEST").read_text().strip()
     weights = next(latest.glob("trainer*.safetensors"))

@@ -13,7 +13,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "run", help="run the training daemon (consume, join, train, monitor, checkpoint, publish)",
         description="Resume from the newest intact checkpoint under checkpoints.root (or --from), seek every "
                     "partition to its saved offset and train until SIGTERM/Ctrl-C, which finishes the current "
-                    "step, writes a checkpoint and exits 0. A second signal exits at once.")
+                    "step, writes a checkpoint and exits 0. A second signal exits at once. A finite log whose "
+                    "partitions all end with an end-of-input marker (streamtrain replay and `simulate "
+                    "--end-of-input` write them; see docs/events.md) is trained to its last sample, then the "
+                    "daemon checkpoints and exits 0.")
     add_config_flags(parser)
     start = parser.add_mutually_exclusive_group()
     start.add_argument("--from", dest="resume_from", metavar="CKPT", help="resume from this checkpoint name instead of LATEST")

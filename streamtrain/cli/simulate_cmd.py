@@ -37,6 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="inject a drift at exposure N (repeatable); kinds: label_shift, feature_shift, broken_feature, concept_shift")
     parser.add_argument("--bootstrap-servers", help="Kafka bootstrap (default: kafka.bootstrap_servers)")
     parser.add_argument("--topic", help="target topic (default: kafka.topic)")
+    parser.add_argument("--end-of-input", action="store_true",
+                        help="after a complete --exposures run, end every partition with an end-of-input marker: "
+                             "a daemon reading the topic trains every sample and exits")
     parser.add_argument("--out", type=Path, help="write JSON lines to this file instead of Kafka")
     parser.add_argument("--truth", type=Path, help="write the ground truth (true pCTR/pCVR per exposure) as JSON lines here")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object")
@@ -72,7 +75,7 @@ def _simulate(args: argparse.Namespace) -> int:
         bootstrap = args.bootstrap_servers or config.kafka.bootstrap_servers
         topic = args.topic or config.kafka.topic
         create_topics(bootstrap, [topic], config.kafka.partitions, client_overrides=config.kafka.client_overrides)
-        sink = KafkaSink(bootstrap, topic, config.kafka.client_overrides)
+        sink = KafkaSink(bootstrap, topic, config.kafka.client_overrides, mark_end=args.end_of_input)
     truth_file = open(args.truth, "wb") if args.truth else None
     try:
         stats = run_simulation(sim_config, sink, stop=stop_event_on_signals(),

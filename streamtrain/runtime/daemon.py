@@ -220,6 +220,7 @@ class Daemon:
         self.releases.load_state_dict(c["releases"], self.trainer)
         self._saved_ledger, self._saved_step = ledger_ids(c["ledger"]), self.trainer.steps
         self.last_checkpoint = ckpt.name
+        self.store.continue_from(ckpt.name)  # the ledger chain goes through what was loaded, not LATEST
         self.monitors.gate.announce()  # a restored FROZEN gate re-fires its alert (not a new transition)
         log.info("resumed from %s: step %d, %d samples trained, offsets %s",
                  ckpt.name, self.trainer.steps, self.trainer.samples, ckpt.offsets)
@@ -411,9 +412,16 @@ class Daemon:
                 # Check the stop point *before* popping: a popped batch must be trained.
                 while not self._done() and (batch := self.buffer.pop_batch()) is not None:
                     self._train_one(batch)
+                if self.pipeline.end_of_input and not self._done():
+                    # A finite log ended (consumers/markers.py): its last samples are one shorter batch.
+                    if (rest := self.buffer.drain()) is not None:
+                        self._train_one(rest)
+                    stopped_by = "end_of_input"
+                    log.info("end of input on every partition: %d samples trained", self.trainer.samples)
                 self._update_status()
                 if self._done():
                     stopped_by = "stop_after_samples"
+                if stopped_by != "signal":
                     break
             self.checkpoint("shutdown")
             self._update_status("stopped")

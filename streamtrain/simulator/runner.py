@@ -11,12 +11,18 @@ from typing import IO, Protocol
 
 import orjson
 
+from consumers.markers import produce_end_of_input
+
 from streamtrain.simulator.config import SimulatorConfig
 from streamtrain.simulator.stream import EventStream, SimEvent
 
 
 class EventSink(Protocol):
     def send(self, event: SimEvent) -> None: ...
+
+    def end_of_input(self) -> None:
+        """The stream is complete (a finite ``exposures`` run that was not stopped)."""
+
     def close(self) -> None: ...
 
 
@@ -44,10 +50,12 @@ class SimulationStats:
 class KafkaSink:
     """Produce to a topic, key = user id (one user's events share a partition)."""
 
-    def __init__(self, bootstrap_servers: str, topic: str, client_overrides: dict | None = None) -> None:
+    def __init__(self, bootstrap_servers: str, topic: str, client_overrides: dict | None = None,
+                 mark_end: bool = False) -> None:
         from confluent_kafka import Producer
 
         self.topic = topic
+        self.mark_end = mark_end  # end a complete stream with an end-of-input marker per partition
         self._producer = Producer({"bootstrap.servers": bootstrap_servers, "linger.ms": 5,
                                    "enable.idempotence": False, **(client_overrides or {})})
 
@@ -59,6 +67,13 @@ class KafkaSink:
             except BufferError:  # local queue full: let librdkafka drain it
                 self._producer.poll(0.05)
         self._producer.poll(0)
+
+    def end_of_input(self) -> None:
+        """With ``mark_end``: a marker into every partition (after every event: one producer
+        keeps per-partition order), so a daemon reading the topic trains all and exits."""
+        if self.mark_end:
+            partitions = self._producer.list_topics(self.topic, timeout=10).topics[self.topic].partitions
+            produce_end_of_input(self._producer, self.topic, sorted(partitions))
 
     def close(self) -> None:
         remaining = self._producer.flush(30)
@@ -75,6 +90,9 @@ class JsonlSink:
     def send(self, event: SimEvent) -> None:
         self._file.write(orjson.dumps({"key": event.key.decode(), "value": event.value.decode(errors="replace"),
                                        "valid": event.valid}) + b"\n")
+
+    def end_of_input(self) -> None:
+        return None  # a file ends where it ends
 
     def close(self) -> None:
         self._file.close()
@@ -111,6 +129,8 @@ def run_simulation(
                 stats.converts += event.truth["convert"]
                 if truth_sink is not None:
                     truth_sink(event.truth)
+        else:  # the stream ran out (finite exposures), nobody stopped it
+            sink.end_of_input()
     finally:
         sink.close()
         stats.wall_s = clock() - start_wall
