@@ -24,7 +24,9 @@ assignment, and Redis-backed popularity (external state).
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from consumers.decode import DECODE_COUNTERS, EventDecoder
@@ -42,6 +44,19 @@ STATS = (
     "messages",  # consumed from the source
     *DECODE_COUNTERS,  # accepted events with degraded feature values (docs/events.md)
 )
+
+
+@dataclass(frozen=True)
+class PollReport:
+    """What the last poll consumed and dead-lettered (joiner rejections included: they
+    may be of messages consumed earlier)."""
+
+    messages: int
+    dead_lettered: Counter[str]  # reason -> records
+
+    def mostly_dead(self, at_least: int = 20) -> bool:
+        """Most of a poll of at least ``at_least`` messages went to the DLQ."""
+        return self.messages >= at_least and 2 * sum(self.dead_lettered.values()) > self.messages
 
 
 class IngestPipeline:
@@ -63,6 +78,7 @@ class IngestPipeline:
         self.dlq = dlq
         self.dlq_counts: dict[str, int] = {r.value: 0 for r in Reason}
         self.stats: dict[str, int] = dict.fromkeys(STATS, 0)
+        self.last_poll = PollReport(0, Counter())
         self._assigned: set[int] = set()
         self._ended: set[int] = set()  # partitions whose end-of-input marker was read (consumers/markers.py)
         source.set_listener(self)
@@ -93,6 +109,7 @@ class IngestPipeline:
         emission = self.joiner.flush() if self.end_of_input else self.joiner.advance()
         rejections += emission.rejections
         self._dead_letter(rejections)
+        self.last_poll = PollReport(len(messages), Counter(r.reason.value for r in rejections))
         return _nonempty(emission.samples)
 
     def flush(self) -> list[SampleBatch]:

@@ -17,12 +17,12 @@ class RateLimitedLog:
         self._last: float | None = None
         self._suppressed = 0
 
-    def warning(self, message: str, *args: Any) -> None:
+    def warning(self, message: str, *args: Any, extra: dict[str, Any] | None = None) -> None:
         now = self._clock()
         if self._last is not None and now - self._last < self._interval:
             self._suppressed += 1
             return
         suffix = f" ({self._suppressed} similar suppressed)" if self._suppressed else ""
-        self._log.warning(message + suffix, *args)
+        self._log.warning(message + suffix, *args, extra=extra)
         self._last = now
         self._suppressed = 0

@@ -16,10 +16,12 @@ from streamtrain.cli import (
     gate_cmd,
     join_cmd,
     publish_cmd,
+    replay_cmd,
     run_cmd,
     services_cmd,
     simulate_cmd,
 )
+from streamtrain.cli.exit_codes import InputError
 from streamtrain.config import ConfigError
 from streamtrain.cli.logs import setup_logging
 from checkpoints import CheckpointError
@@ -28,7 +30,8 @@ from streamtrain.services import ServiceError
 
 log = logging.getLogger("streamtrain")
 
-COMMANDS = (demo_cmd, run_cmd, join_cmd, config_cmd, services_cmd, simulate_cmd, checkpoints_cmd, gate_cmd, publish_cmd)
+COMMANDS = (demo_cmd, run_cmd, join_cmd, replay_cmd, config_cmd, services_cmd, simulate_cmd, checkpoints_cmd, gate_cmd,
+            publish_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ConfigError as exc:
         print(f"configuration error:\n{exc}", file=sys.stderr)
+        return exit_codes.USAGE
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return exit_codes.USAGE
     except (ServiceError, PublishError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)

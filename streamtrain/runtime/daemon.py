@@ -58,6 +58,7 @@ from checkpoints import (
 )
 from consumers.batching import SampleBuffer
 from consumers.pipeline import IngestPipeline
+from consumers.ratelimit import RateLimitedLog
 from consumers.runtime import build_pipeline, make_producer
 from consumers.schema import SampleBatch
 from monitors.alerts import build_sinks
@@ -133,6 +134,8 @@ class Daemon:
         self._status = DaemonStatus(state="starting", topic=config.kafka.topic)
         self.checkpoints_written = 0
         self.checkpoint_failures = 0
+        self.dead_polls = 0  # polls whose messages mostly went to the DLQ
+        self._dead_poll_log = RateLimitedLog(30.0, clock, log)
         self.last_checkpoint: str | None = None
         self._last_checkpoint_wall: float | None = None
         self._losses: dict[str, float] = {}
@@ -326,6 +329,7 @@ class Daemon:
             last_checkpoint_wall=self._last_checkpoint_wall,
             checkpoints_written=self.checkpoints_written,
             checkpoint_failures=self.checkpoint_failures,
+            dead_polls=self.dead_polls,
             current_version=None if current is None else VersionStatus(
                 current.name, current.number, float(current.manifest.get("created", 0.0))),
             releases={"released": self.releases.released, "held": self.releases.held,
@@ -375,6 +379,20 @@ class Daemon:
             else:
                 self._publish_pending()
 
+    def _warn_if_mostly_dead(self) -> None:
+        """Most of a poll dead-lettered is almost never bad luck: a producer or a setting is
+        wrong (e.g. a replay's old timestamps below decoder.min_ts_ms), and the daemon would
+        sit at zero samples. Say so loudly, with the top reason (rate-limited), and count it."""
+        report = self.pipeline.last_poll
+        if not report.mostly_dead():
+            return
+        self.dead_polls += 1
+        reason, count = report.dead_lettered.most_common(1)[0]
+        self._dead_poll_log.warning(
+            "%d of the last %d messages went to the DLQ, most as %r: check the producers against docs/events.md "
+            "and the decoder settings (streamtrain_dlq_events_total{reason=%r})", sum(report.dead_lettered.values()),
+            report.messages, reason, reason, extra={"alert": "dlq_majority", "reason": reason, "count": count})
+
     def _observe_latencies(self, batch: SampleBatch) -> None:
         """Freshness: wall now - exposure event time (meaningful where event time is wall
         time, as in production; it includes the label-window wait by design). Join latency:
@@ -405,6 +423,7 @@ class Daemon:
                     started = time.perf_counter()
                     batches = self.pipeline.poll(cfg.trainer.poll_max_messages, cfg.trainer.poll_timeout_s)
                     self.hooks.on_polled(batches, time.perf_counter() - started)
+                    self._warn_if_mostly_dead()
                     for batch in batches:
                         self.buffer.extend(batch)
                 else:

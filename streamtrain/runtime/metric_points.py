@@ -61,6 +61,9 @@ def _points(status: DaemonStatus, now: float) -> Iterator[Point]:
         if key.startswith("dlq."):
             yield Point("streamtrain_dlq_events", "counter", "Events sent to the dead-letter topic, by reason.",
                         value, {"reason": key[4:]})
+    yield Point("streamtrain_dlq_majority_polls", "counter",
+                "Polls of this process whose messages mostly went to the DLQ (a producer or a setting is wrong).",
+                status.dead_polls)
     for key in DECODE_COUNTERS:
         yield Point("streamtrain_events_degraded", "counter",
                     "Accepted events with a feature value read as missing or inexact, by kind (docs/events.md).",

@@ -50,6 +50,7 @@ class DaemonStatus:
     last_checkpoint_wall: float | None = None  # unix seconds of its commit, by this process
     checkpoints_written: int = 0  # by this process
     checkpoint_failures: int = 0  # by this process
+    dead_polls: int = 0  # polls of this process whose messages mostly went to the DLQ
     current_version: VersionStatus | None = None
     releases: dict[str, int] = field(default_factory=dict)  # released, held, rollbacks, failures
 
