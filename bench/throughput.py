@@ -31,7 +31,7 @@ from bench.daemon_probes import CallTimer, StepClock, clock_hooks, seconds_withi
 from bench.demo_setup import DemoSetup, produce_log
 from streamtrain.config import StreamtrainConfig
 from streamtrain.runtime import Daemon
-from streamtrain.trainer import Trainer
+from streamtrain.trainer import build_trainer
 
 # The last click window of event time (~2,800 exposures of the demo world) never closes:
 # the daemon stops this many exposures short of the log's end, at a batch boundary.
@@ -99,9 +99,7 @@ def daemon_pass(cfg: StreamtrainConfig, target: int, keep_batches: bool) -> tupl
 def bare_pass(cfg: StreamtrainConfig, batches: list[dict[str, np.ndarray]]) -> float:
     """samples/s of a fresh Trainer (same config, seed, threads) stepping through ``batches``."""
     torch.set_num_threads(cfg.trainer.threads)
-    tables = {name: getattr(cfg.embeddings, name) for name in ("item", "user", "sparse")}
-    trainer = Trainer(cfg.model, tables, learning_rate=cfg.trainer.learning_rate, seed=cfg.trainer.seed,
-                      device=torch.device("cpu"))
+    trainer = build_trainer(cfg, torch.device("cpu"))
     ends = []
     for batch in batches:
         trainer.step(batch)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from consumers.schema import SampleBatch
+from streamtrain.config import StreamtrainConfig
 from streamtrain.embedding import ColdTier, EmbeddingTableConfig
 from streamtrain.embedding.delta import EmbeddingDelta
 from streamtrain.modules.config import ModelConfig
@@ -63,6 +64,14 @@ class StepResult:
     predictions: Predictions  # prequential: scored before this batch's update
     losses: dict[str, float]  # the step's loss parts (see RecModel.loss)
     seconds: float  # wall time of the step, host <-> device copies included
+
+
+def build_trainer(config: StreamtrainConfig, device: torch.device,
+                  cold_tier: Callable[[str], ColdTier | None] = lambda name: None) -> Trainer:
+    """The trainer a config describes (model, the three tables, dense learning rate, seed)."""
+    tables = {name: getattr(config.embeddings, name) for name in EMBEDDING_KEYS}
+    return Trainer(config.model, tables, learning_rate=config.trainer.learning_rate, seed=config.trainer.seed,
+                   device=device, cold_tier=cold_tier)
 
 
 def pick_device(setting: str) -> torch.device:

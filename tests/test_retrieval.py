@@ -11,7 +11,7 @@ import torch
 
 from streamtrain.modules.config import RetrievalConfig
 from streamtrain.modules.retrieval import RetrievalHead, info_nce_loss, rank_package_loss
-from streamtrain.runtime.retrieval_index import RetrievalIndex
+from streamtrain.retrieval.index import RetrievalIndex
 
 
 def _lse(xs: list[float]) -> float:

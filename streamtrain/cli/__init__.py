@@ -12,6 +12,7 @@ from streamtrain.cli import (
     checkpoints_cmd,
     config_cmd,
     demo_cmd,
+    eval_cmd,
     exit_codes,
     gate_cmd,
     join_cmd,
@@ -30,8 +31,8 @@ from streamtrain.services import ServiceError
 
 log = logging.getLogger("streamtrain")
 
-COMMANDS = (demo_cmd, run_cmd, join_cmd, replay_cmd, config_cmd, services_cmd, simulate_cmd, checkpoints_cmd, gate_cmd,
-            publish_cmd)
+COMMANDS = (demo_cmd, run_cmd, join_cmd, replay_cmd, eval_cmd, config_cmd, services_cmd, simulate_cmd, checkpoints_cmd,
+            gate_cmd, publish_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,7 @@
 """Two-tower retrieval head: sampled-softmax (InfoNCE) loss and rank-package loss.
 
 User and item vectors are L2-normalised, so a score is a cosine divided by the
-temperature and top-K retrieval is a maximum-inner-product search (``retrieval_index.py``).
+temperature and top-K retrieval is a maximum-inner-product search (``streamtrain/retrieval/index.py``).
 
 Candidates of row ``b``: its positive item, its own negatives (rank package + random
 negatives) and, optionally, every row's item (in-batch negatives). A candidate is masked

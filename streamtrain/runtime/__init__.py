@@ -2,7 +2,7 @@
 
 ``daemon`` (the loop and its wiring), ``status`` (the snapshot it exposes),
 ``metric_points`` / ``metrics`` (Prometheus), ``control`` (the HTTP control endpoint),
-``releases`` / ``publisher`` / ``retrieval_index`` (model versions), ``live`` (the
+``releases`` / ``publisher`` (model versions), ``live`` (the
 terminal view). Only the CLI imports this package; it may import every other part.
 """
 

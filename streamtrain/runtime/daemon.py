@@ -72,7 +72,7 @@ from streamtrain.runtime.metrics import DaemonMetrics
 from streamtrain.runtime.publisher import Publisher
 from streamtrain.runtime.releases import ReleaseManager
 from streamtrain.runtime.status import DaemonStatus, TableStatus, VersionStatus
-from streamtrain.trainer import Predictions, StepResult, Trainer, pick_device
+from streamtrain.trainer import Predictions, StepResult, Trainer, build_trainer, pick_device
 
 log = logging.getLogger("streamtrain.daemon")
 
@@ -172,9 +172,7 @@ class Daemon:
 
             client = redis.Redis.from_url(cfg.redis.url)
             cold_tier = lambda name: RedisColdTier(client, f"{cfg.redis.key_prefix}emb:{name}:")  # noqa: E731
-        tables = {name: getattr(cfg.embeddings, name) for name in ("item", "user", "sparse")}
-        return Trainer(cfg.model, tables, learning_rate=cfg.trainer.learning_rate, seed=cfg.trainer.seed,
-                       device=self.device, cold_tier=cold_tier)
+        return build_trainer(cfg, self.device, cold_tier)
 
     def _new_pipeline(self) -> IngestPipeline:
         ingest = self.config.ingest()

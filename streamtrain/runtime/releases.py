@@ -51,7 +51,7 @@ from monitors.stats import log_loss
 from streamtrain.config import PublishingConfig
 from streamtrain.embedding.delta import read_parquet, to_arrow
 from streamtrain.runtime.publisher import PublishedVersion, Publisher
-from streamtrain.runtime.retrieval_index import RetrievalIndex
+from streamtrain.retrieval.index import RetrievalIndex
 from streamtrain.trainer import Predictions, Trainer
 
 log = logging.getLogger(__name__)
