@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 import uuid
 from collections.abc import Iterator
 
@@ -45,6 +46,15 @@ def unique_name(request: pytest.FixtureRequest) -> str:
     """A topic/group/key-prefix name unique to this test in this session."""
     base = request.node.name.replace("[", "-").replace("]", "").replace("/", "-")[:60]
     return f"t{next(_counter)}-{base}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture
+def refused_port() -> Iterator[int]:
+    """A loopback port that refuses connections for the whole test. Bound but never
+    listening: unlike a probe socket closed before use, no other process can take it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)

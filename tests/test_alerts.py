@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -123,12 +122,10 @@ def test_webhook_does_not_retry_a_rejected_request(hook: _Server) -> None:
     assert len(hook.bodies) == 1 and sink.failed == 1
 
 
-def test_webhook_survives_an_unreachable_endpoint() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused and no one else can take the port
-        sink = webhook(f"http://127.0.0.1:{s.getsockname()[1]}/", max_retries=2)
-        sink.on_transition(transition(GateState.FROZEN))
-        assert sink.close(5.0)
+def test_webhook_survives_an_unreachable_endpoint(refused_port: int) -> None:
+    sink = webhook(f"http://127.0.0.1:{refused_port}/", max_retries=2)
+    sink.on_transition(transition(GateState.FROZEN))
+    assert sink.close(5.0)
     assert (sink.delivered, sink.failed) == (0, 1)
 
 
