@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import socket
+import sys
 import uuid
 from collections.abc import Iterator
 
@@ -55,6 +56,23 @@ def refused_port() -> Iterator[int]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         yield s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def _torch_process_settings_restored() -> Iterator[None]:
+    """An in-process ``Daemon`` sets torch's thread count and deterministic mode for the
+    whole process (streamtrain/daemon.py): put them back, or every later test would run
+    with them and its numbers would depend on which tests ran before it."""
+    torch = sys.modules.get("torch")  # every test module that trains imports it at collection
+    if torch is None:
+        yield
+        return
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
 @pytest.fixture(autouse=True)
