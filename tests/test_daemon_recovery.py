@@ -13,6 +13,7 @@ import random
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +21,18 @@ import pytest
 import torch
 
 from checkpoints import ledger_chain
-from daemon_harness import final_state, produce_log, start_daemon, write_config
+from daemon_harness import final_state, kill_leftover_daemons, produce_log, start_daemon, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 TARGET_SAMPLES = 4096  # a multiple of the batch size: a deterministic stop point
 KILLS = 5
+
+
+@pytest.fixture(autouse=True)
+def _no_daemon_outlives_its_test() -> Iterator[None]:
+    yield
+    kill_leftover_daemons()
 
 
 @pytest.fixture(scope="module")
