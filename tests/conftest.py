@@ -14,8 +14,15 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 
 from streamtrain.services import EmbeddedBroker, EmbeddedRedis
+
+# No per-example deadline anywhere: hypothesis' default (200 ms) measures the machine, not
+# the code, and a loaded 2-core CI box stalls a process for longer than that (GC,
+# preemption, a cold import), which hypothesis reports as DeadlineExceeded or Flaky.
+settings.register_profile("streamtrain", deadline=None)
+settings.load_profile("streamtrain")
 
 _counter = itertools.count()
 
