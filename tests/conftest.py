@@ -8,12 +8,21 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
+import sys
 import uuid
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 
 from streamtrain.services import EmbeddedBroker, EmbeddedRedis
+
+# No per-example deadline anywhere: hypothesis' default (200 ms) measures the machine, not
+# the code, and a loaded 2-core CI box stalls a process for longer than that (GC,
+# preemption, a cold import), which hypothesis reports as DeadlineExceeded or Flaky.
+settings.register_profile("streamtrain", deadline=None)
+settings.load_profile("streamtrain")
 
 _counter = itertools.count()
 
@@ -45,6 +54,32 @@ def unique_name(request: pytest.FixtureRequest) -> str:
     """A topic/group/key-prefix name unique to this test in this session."""
     base = request.node.name.replace("[", "-").replace("]", "").replace("/", "-")[:60]
     return f"t{next(_counter)}-{base}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.fixture
+def refused_port() -> Iterator[int]:
+    """A loopback port that refuses connections for the whole test. Bound but never
+    listening: unlike a probe socket closed before use, no other process can take it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def _torch_process_settings_restored() -> Iterator[None]:
+    """An in-process ``Daemon`` sets torch's thread count and deterministic mode for the
+    whole process (streamtrain/daemon.py): put them back, or every later test would run
+    with them and its numbers would depend on which tests ran before it."""
+    torch = sys.modules.get("torch")  # every test module that trains imports it at collection
+    if torch is None:
+        yield
+        return
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
 @pytest.fixture(autouse=True)

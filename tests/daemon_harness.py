@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import subprocess
 import sys
@@ -68,10 +69,31 @@ def daemon_command(config: Path, *args: str) -> list[str]:
             "--config", str(config), *args]
 
 
+_started: list[subprocess.Popen[bytes]] = []  # every daemon start_daemon started, for kill_leftover_daemons
+
+
 def start_daemon(config: Path, *args: str, log_path: Path) -> subprocess.Popen[bytes]:
     log = open(log_path, "ab")
-    return subprocess.Popen(daemon_command(config, *args), stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(daemon_command(config, *args), stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONHASHSEED": "0"})
+    _started.append(proc)
+    return proc
+
+
+def kill_leftover_daemons() -> None:
+    """SIGKILL (and reap) every started daemon that still runs.
+
+    A test that fails while its daemon runs (a ``wait`` that timed out, a broker that went
+    away) would otherwise leave it retrying forever: it slows every later test and, having
+    no parent-death signal, outlives pytest itself."""
+    for proc in _started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    _started.clear()
+
+
+atexit.register(kill_leftover_daemons)
 
 
 def final_state(run_dir: Path) -> Any:

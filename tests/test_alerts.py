@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -20,16 +19,22 @@ from monitors.alerts import ALERT_NAME, build_sinks
 
 
 class _Server(ThreadingHTTPServer):
-    """Records JSON bodies; answers with queued status codes, then ``default_code``."""
+    """Records JSON bodies; answers with queued status codes, then ``default_code``.
+
+    Clearing ``release`` holds every response (up to ``HOLD_S``) until it is set again: a
+    test can then tell "returned before any answer" from "waited for one" without timing."""
 
     daemon_threads = True
+    HOLD_S = 30.0
 
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _Hook)
         self.bodies: list[Any] = []
         self.codes: list[int] = []
         self.default_code = 200
-        self.delay = 0.0  # seconds each response takes
+        self.release = threading.Event()
+        self.release.set()
+        self.answered = 0  # responses about to be sent (counted before they leave)
         self.url = f"http://127.0.0.1:{self.server_address[1]}/alerts"
 
 
@@ -39,7 +44,8 @@ class _Hook(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802 (http.server API)
         body = self.rfile.read(int(self.headers["Content-Length"]))
         self.server.bodies.append(json.loads(body))
-        time.sleep(self.server.delay)
+        self.server.release.wait(self.server.HOLD_S)
+        self.server.answered += 1
         code = self.server.codes.pop(0) if self.server.codes else self.server.default_code
         self.send_response(code)
         self.send_header("Content-Length", "0")
@@ -55,6 +61,7 @@ def hook() -> Iterator[_Server]:
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
     yield server
+    server.release.set()
     server.shutdown()
     server.server_close()
 
@@ -69,7 +76,7 @@ def webhook(url: str, **overrides: Any) -> WebhookSink:
     return WebhookSink(AlertConfig(webhook_urls=(url,), **{**fast, **overrides}))
 
 
-def wait_for(predicate: Any, timeout: float = 5.0) -> None:
+def wait_for(predicate: Any, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
@@ -95,11 +102,12 @@ def test_webhook_retries_after_server_errors(hook: _Server) -> None:
 
 
 def test_webhook_gives_up_after_max_retries_without_blocking_the_caller(hook: _Server) -> None:
-    hook.default_code, hook.delay = 500, 0.1
-    sink = webhook(hook.url, max_retries=2)
-    started = time.perf_counter()
+    hook.default_code = 500
+    hook.release.clear()  # no answer until the caller has returned
+    sink = webhook(hook.url, max_retries=2, timeout_s=2 * hook.HOLD_S)  # a blocking caller would get the answer
     sink.on_transition(transition(GateState.FROZEN))
-    assert time.perf_counter() - started < 0.05  # the training thread only enqueues
+    assert hook.answered == 0  # the training thread only enqueued: it returned before any answer
+    hook.release.set()
     assert sink.close(10.0)
     assert len(hook.bodies) == 3 and (sink.delivered, sink.failed) == (0, 1)
 
@@ -112,25 +120,23 @@ def test_webhook_does_not_retry_a_rejected_request(hook: _Server) -> None:
     assert len(hook.bodies) == 1 and sink.failed == 1
 
 
-def test_webhook_survives_an_unreachable_endpoint() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again before use: connection refused
-    sink = webhook(f"http://127.0.0.1:{port}/", max_retries=2)
+def test_webhook_survives_an_unreachable_endpoint(refused_port: int) -> None:
+    sink = webhook(f"http://127.0.0.1:{refused_port}/", max_retries=2)
     sink.on_transition(transition(GateState.FROZEN))
     assert sink.close(5.0)
     assert (sink.delivered, sink.failed) == (0, 1)
 
 
 def test_full_queue_drops_instead_of_waiting_and_close_is_bounded(hook: _Server) -> None:
-    hook.default_code, hook.delay = 500, 0.3
+    hook.default_code = 500
+    hook.release.clear()  # every attempt hangs until the client's 2 s timeout: the backlog takes > 20 s
     sink = webhook(hook.url, queue_size=1, max_retries=5)
     for seq in range(4):  # the worker holds at most one, the queue one more
         sink.on_transition(transition(GateState.FROZEN, seq=seq))
     assert sink.dropped >= 2
     started = time.perf_counter()
     assert sink.close(0.2) is False  # gave up on the backlog instead of hanging shutdown
-    assert time.perf_counter() - started < 1.0
+    assert time.perf_counter() - started < 5.0
 
 
 def test_alertmanager_payload_fires_one_alert_per_monitor_and_resolves_them(hook: _Server) -> None:

@@ -299,6 +299,13 @@ def test_sigkill_at_random_moments_then_exactly_once(tmp_path: Path) -> None:
             assert child.stdout is not None
             try:
                 assert child.stdout.readline() == "ready\n", (tmp_path / f"child-{kill}.err").read_text()
+                # The first child's first save (4 MiB, fsynced) can outlast any fixed delay on a
+                # slow disk; the checks below need a checkpoint to fall back to.
+                deadline = time.monotonic() + 120
+                while not (root / "LATEST").exists():
+                    assert time.monotonic() < deadline and child.poll() is None, \
+                        (tmp_path / f"child-{kill}.err").read_text()
+                    time.sleep(0.005)
                 time.sleep(rng.uniform(0.05, 0.6))  # a random moment, most likely mid-save
                 assert child.poll() is None, (tmp_path / f"child-{kill}.err").read_text()
             finally:

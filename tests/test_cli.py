@@ -120,6 +120,6 @@ def test_publish_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert "no published version" in capsys.readouterr().err
 
 
-def test_gate_command_without_a_daemon_says_so(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["gate", "status", "--url", "http://127.0.0.1:9"]) == 1
+def test_gate_command_without_a_daemon_says_so(capsys: pytest.CaptureFixture[str], refused_port: int) -> None:
+    assert main(["gate", "status", "--url", f"http://127.0.0.1:{refused_port}"]) == 1
     assert "cannot reach the daemon's control endpoint" in capsys.readouterr().err

@@ -140,6 +140,7 @@ def _sample_value(exposition: bytes, name: bytes) -> float:
 
 def test_control_endpoint_freezes_a_running_daemon(kafka_bootstrap: str, topic: str, tmp_path: Path) -> None:
     seen: dict[str, Any] = {}
+    operators: list[threading.Thread] = []
 
     def control() -> None:
         d = daemon
@@ -147,7 +148,14 @@ def test_control_endpoint_freezes_a_running_daemon(kafka_bootstrap: str, topic: 
             assert d.control is not None
             url, token = d.control.url, (tmp_path / "g" / "control.token").read_text().strip()
             # From another thread, as an operator would: the loop applies it at the next step.
-            threading.Thread(target=lambda: seen.update(_post(url + "/freeze", token)), daemon=True).start()
+            operators.append(threading.Thread(target=lambda: seen.update(_post(url + "/freeze", token)), daemon=True))
+            operators[0].start()
+            # Hold the loop until the request is queued: a slow HTTP thread on a loaded machine
+            # must not lose a race against the remaining 1536 samples.
+            deadline = time.monotonic() + 30
+            while d._commands.empty():  # noqa: SLF001 - the daemon's command queue
+                assert time.monotonic() < deadline, "the freeze request never reached the daemon"
+                time.sleep(0.01)
         if d.monitors.gate.state.value == "frozen" and "frozen_at" not in seen:
             seen["frozen_at"] = d.trainer.samples
             seen["versions_at_freeze"] = len(d.publisher.versions())
@@ -156,6 +164,8 @@ def test_control_endpoint_freezes_a_running_daemon(kafka_bootstrap: str, topic: 
                                   publishing={"every_samples": 256, "shadow_window": 0}),
                      stop_after_samples=2048, hooks=_after_each_step(control))
     daemon.run()
+    for operator in operators:  # its answer may still be on the way when the run ends
+        operator.join(30)
     assert seen.get("gate") == "frozen", seen
     assert len(daemon.publisher.versions()) == seen["versions_at_freeze"], "nothing is published while FROZEN"
     last = daemon.monitors.gate.last_transition

@@ -14,18 +14,25 @@ import random
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from checkpoints import ledger_chain, state_differences
-from daemon_harness import final_state, produce_log, start_daemon, write_config
+from daemon_harness import final_state, kill_leftover_daemons, produce_log, start_daemon, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 EXPOSURES = 4500  # asked of the simulator (it finishes the last request); every one becomes a sample
 KILLS = 5
+
+
+@pytest.fixture(autouse=True)
+def _no_daemon_outlives_its_test() -> Iterator[None]:
+    yield
+    kill_leftover_daemons()
 
 
 @pytest.fixture(scope="module")
@@ -90,22 +97,28 @@ def _wait_for_first_checkpoint(root: Path, timeout_s: float = 120) -> None:
 
 def _kill_at(proc: subprocess.Popen[bytes], ckpt_root: Path, rng: random.Random, during_write: bool) -> str:
     """SIGKILL once training has made progress: either the moment a checkpoint's temp dir
-    exists (mid-write) or at a random delay after this process's first new checkpoint."""
-    known = set(ckpt_root.glob("ckpt-*")) if ckpt_root.exists() else set()
+    exists (mid-write) or at a random delay after this process's first new checkpoint
+    (at its second one if that comes first: on a fast machine the delay can cover the rest
+    of the run, and a process that reaches its stop point was never killed).
+
+    Only what this process writes counts: a temp dir left by the previous kill stays until
+    the new process has started up and cleaned it."""
+    known = set(ckpt_root.glob("ckpt-*")) | set(ckpt_root.glob(".tmp-ckpt-*")) if ckpt_root.exists() else set()
     deadline = time.monotonic() + 120
     delay_after_first = rng.uniform(0.0, 0.4)
     first_seen: float | None = None
     while time.monotonic() < deadline and proc.poll() is None:
         if ckpt_root.exists():
-            if during_write and any(ckpt_root.glob(".tmp-ckpt-*")):
+            if during_write and set(ckpt_root.glob(".tmp-ckpt-*")) - known:
                 proc.send_signal(signal.SIGKILL)
                 return "during checkpoint write"
             if not during_write:
-                if first_seen is None and set(ckpt_root.glob("ckpt-*")) - known:
+                new = set(ckpt_root.glob("ckpt-*")) - known
+                if first_seen is None and new:
                     first_seen = time.monotonic()
-                if first_seen is not None and time.monotonic() - first_seen >= delay_after_first:
+                if first_seen is not None and (time.monotonic() - first_seen >= delay_after_first or len(new) > 1):
                     proc.send_signal(signal.SIGKILL)
-                    return f"{delay_after_first:.2f}s after a checkpoint"
+                    return f"{delay_after_first:.2f}s after a checkpoint" if len(new) == 1 else "at the next checkpoint"
         time.sleep(0.001)
     return "process ended before the kill"
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import numpy as np
 import pytest
 import redis
@@ -71,11 +69,8 @@ def test_evicted_rows_spill_and_come_back_on_readmission(redis_url: str, unique_
     module.apply_gradients()
 
 
-def test_unreachable_redis_fails_open(unique_name: str) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again below: nothing listens there
-    client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0))
+def test_unreachable_redis_fails_open(unique_name: str, refused_port: int) -> None:
+    client = redis.Redis(host="127.0.0.1", port=refused_port, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0))
     tier = RedisColdTier(client, key_prefix=f"{unique_name}:")
     module = small_table(tier)
     for t, ids in enumerate([[1, 2, 3, 4], [5]]):
