@@ -3,12 +3,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh test
-service_pids() { pgrep -f -- '(tansu-[0-9.]+ broker|redis-server 127\.0\.0\.1)' | sort || true; }
-before="$(service_pids)"
+# Every process this run starts inherits this token: only services carrying it are ours to
+# judge and stop (other test runs or demos on the machine may have brokers of their own).
+# The name is outside the STREAMTRAIN_ prefix, which the tests strip from their environment.
+export ST_TEST_RUN_TOKEN="$$-$(date +%s%N)"
+service_pids() {
+  for pid in $(pgrep -f -- '(tansu-[0-9.]+ broker|redis-server 127\.0\.0\.1)' || true); do
+    if tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -qx "ST_TEST_RUN_TOKEN=$ST_TEST_RUN_TOKEN"; then
+      echo "$pid"
+    fi
+  done
+}
 status=0
 .venv/bin/python -m pytest "$@" || status=$?
 sleep 1
-leftover="$(comm -13 <(echo "$before") <(service_pids) | grep . || true)"
+leftover="$(service_pids)"
 if [ -n "$leftover" ]; then
   echo "ERROR: service processes left running after the tests:" >&2
   ps -o pid,cmd -p $(echo $leftover | tr ' ' ,) >&2 || true

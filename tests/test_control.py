@@ -93,3 +93,18 @@ def test_a_failing_route_answers_500_and_integer_keys_serialise() -> None:
         assert status == 500 and "boom" in doc["error"]
     finally:
         srv.stop()
+
+
+def test_a_command_the_daemon_can_no_longer_apply_gets_503() -> None:
+    class Gone(RuntimeError):
+        pass
+
+    def late(reason: str) -> dict[str, Any]:
+        raise Gone("the daemon is shutting down: freeze was not applied")
+
+    srv = ControlServer("127.0.0.1", 0, "t", status=lambda: {}, freeze=late, unfreeze=late, unavailable=(Gone,)).start()
+    try:
+        status, doc = _call(srv.url + "/freeze", "POST", token="t")
+        assert status == 503 and "shutting down" in doc["error"]
+    finally:
+        srv.stop()

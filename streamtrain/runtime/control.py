@@ -44,8 +44,10 @@ class ControlServer:
         status: Callable[[], dict[str, Any]],
         freeze: Callable[[str], dict[str, Any]],
         unfreeze: Callable[[str], dict[str, Any]],
+        unavailable: tuple[type[Exception], ...] = (),
     ) -> None:
         self._token = token
+        self._unavailable = unavailable  # route errors that mean "not now" (503), not a failure (500)
         self._routes_get = {"/healthz": lambda: {"ok": True}, "/status": status}
         self._routes_post = {"/freeze": freeze, "/unfreeze": unfreeze}
         self._server = ThreadingHTTPServer((host, port), self._handler_class())
@@ -78,7 +80,7 @@ class ControlServer:
         return scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), self._token.encode())
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
-        routes_get, routes_post, authorised = self._routes_get, self._routes_post, self.authorised
+        routes_get, routes_post, authorised, unavailable = self._routes_get, self._routes_post, self.authorised, self._unavailable
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, fmt: str, *args: Any) -> None:  # route access logs to logging
@@ -96,6 +98,9 @@ class ControlServer:
                 """Run a route; a failure is a 500 with the error, never a dropped connection."""
                 try:
                     doc = route()
+                except unavailable as exc:
+                    self._reply(503, {"error": str(exc)})
+                    return
                 except Exception as exc:  # noqa: BLE001 - the endpoint must answer whatever broke
                     log.exception("control endpoint %s failed", self.path)
                     self._reply(500, {"error": f"{type(exc).__name__}: {exc}"})

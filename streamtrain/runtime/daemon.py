@@ -100,6 +100,10 @@ class DaemonHooks:
     on_trained: Callable[[SampleBatch, StepResult], None] = _no_trained
 
 
+class ShuttingDown(RuntimeError):
+    """A control command that came after the training loop ended (the endpoint answers 503)."""
+
+
 @dataclass
 class RunSummary:
     samples_trained: int
@@ -130,6 +134,7 @@ class Daemon:
         self.hooks = hooks
         self._clock = clock
         self._commands: queue.Queue[tuple[str, str, Future[dict[str, Any]]]] = queue.Queue()
+        self._accepting = True  # False once the loop ended: control commands are refused
         self._status_lock = threading.Lock()
         self._status = DaemonStatus(state="starting", topic=config.kafka.topic)
         self.checkpoints_written = 0
@@ -282,6 +287,8 @@ class Daemon:
     # ------------------------------------------------------------------ control (thread-safe)
     def request(self, command: str, reason: str) -> dict[str, Any]:
         """Called from the control endpoint's threads; applied by the loop between steps."""
+        if not self._accepting:
+            raise ShuttingDown(f"the daemon is shutting down: {command} was not applied")
         future: Future[dict[str, Any]] = Future()
         self._commands.put((command, reason, future))
         return future.result(timeout=30)
@@ -295,6 +302,16 @@ class Daemon:
             gate = self.monitors.gate
             transition = gate.freeze(reason) if command == "freeze" else gate.unfreeze(reason)
             future.set_result({"gate": gate.state.value, "changed": transition is not None})
+
+    def _refuse_commands(self) -> None:
+        """After the loop: commands that arrived too late are answered, not left to time out."""
+        self._accepting = False
+        while True:
+            try:
+                command, _, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            future.set_exception(ShuttingDown(f"the daemon is shutting down: {command} was not applied"))
 
     def status(self) -> DaemonStatus:
         """The snapshot of the last loop turn (thread-safe)."""
@@ -444,6 +461,7 @@ class Daemon:
             self._update_status("stopped")
             return self.summary(stopped_by)
         finally:
+            self._refuse_commands()
             for server in servers:
                 server.stop()
             self.close()
@@ -468,7 +486,7 @@ class Daemon:
             servers.append(self.metrics)
         if cfg.control.enabled:
             token = ensure_token(cfg.control.token, cfg.run_dir / "control.token")
-            self.control = ControlServer(cfg.control.host, cfg.control.port, token,
+            self.control = ControlServer(cfg.control.host, cfg.control.port, token, unavailable=(ShuttingDown,),
                                          status=lambda: self.status().to_json(),
                                          freeze=lambda r: self.request("freeze", r),
                                          unfreeze=lambda r: self.request("unfreeze", r))

@@ -8,8 +8,10 @@ at Apache Kafka instead (see compose/).
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import signal
+import tempfile
 from pathlib import Path
 from types import TracebackType
 from typing import Iterable
@@ -45,10 +47,17 @@ def cached_tansu() -> Path:
     target = cache_dir() / "bin" / f"tansu-{TANSU_VERSION}"
     if not target.is_file() or target.stat().st_size != source.stat().st_size:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".tmp")
-        shutil.copyfile(source, tmp)
-        tmp.chmod(0o755)
-        tmp.replace(target)
+        # A temp name of our own: two processes filling an empty cache at once must not
+        # write one file together (the loser's rename then installs a whole binary too).
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}-", dir=target.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            shutil.copyfile(source, tmp)
+            tmp.chmod(0o755)
+            tmp.replace(target)
+        finally:
+            tmp.unlink(missing_ok=True)
     return target
 
 
