@@ -241,7 +241,8 @@ class LabelJoiner:
         events = staged.take(ready)
         if not len(events):
             return []
-        events = events.take(np.lexsort((events.eid, events.etype, events.ts)))
+        # Partition and offset break the last ties, so the order never depends on arrival.
+        events = events.take(np.lexsort((events.offset, events.partition, events.eid, events.etype, events.ts)))
         bucket = events.ts // self.config.stats_refresh_ms
         cuts = [0, *(np.flatnonzero(np.diff(bucket)) + 1).tolist(), len(events)]
         rejections: list[Rejection] = []
@@ -449,6 +450,10 @@ class LabelJoiner:
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         staged = EventBatch.concat(self._staged) if self._staged else EventBatch.empty(self.S, self.D)
+        # Staged events are held in arrival order, which interleaves partitions as fetches
+        # happened to land; saved in (partition, offset) order, the state is a function of what
+        # was consumed, not of when (order is immaterial to the join: _finalise sorts).
+        staged = staged.take(np.lexsort((staged.offset, staged.partition)))
         staged_cols = {name: getattr(staged, name).copy() for name in
                        ("ts", "etype", "eid", "user", "item", "key", "partition", "offset", "sparse", "dense")}
         return {
