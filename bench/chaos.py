@@ -7,8 +7,8 @@ Everything is real and local. The benchmark starts an embedded broker (Tansu, in
 an embedded Redis, produces one seeded log of the demo world, and runs the CLI as an operator
 would (``python -m streamtrain run --config FILE --stop-after-samples N``, JSON logs at INFO)
 with the demo's configuration (``configs/demo.yaml``: joiner ``emit_then_correct``, releases,
-monitors), a checkpoint every 4 batches and every checkpoint kept (the ledger chain must reach
-back to the first). The stop point N is the last full batch of the samples the whole log
+monitors), a checkpoint every 8 batches (4 with ``--quick``) and every checkpoint kept (the
+ledger chain must reach back to the first). The stop point N is the last full batch of the samples the whole log
 yields (counted first by the consumer side alone), so every run reads the log to its end and
 the final checkpoints are comparable in everything, Kafka positions and joiner state
 included: how far a consumer has read by a given step depends on how fetches landed, which
@@ -58,7 +58,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +83,8 @@ POLL_S = 0.001  # the supervisor's look at the checkpoint root: a demo checkpoin
 SERVICES_CHECK_S = 1.0  # how often the supervisor checks that the broker and Redis are still there
 LIFE_TIMEOUT_S = 600.0  # one daemon process, spawn to exit: far beyond any healthy one here
 
-CHECKPOINTS = {"every_samples": 1024, "every_seconds": None,  # every 4 batches of 256, never by wall time
-               "keep_last": 100_000}  # all of them: the ledger chain is followed back to the first
+# Never by wall time; all kept: the ledger chain is followed back to the first.
+CHECKPOINTS = {"every_seconds": None, "keep_last": 100_000}
 # Tables far smaller than the demo world (500 users, 1,000 items): LRU room eviction on every
 # admission into a full table and a periodic pass every 8 steps (its spills are versioned
 # step + 1), so rows spill to Redis and are read back when their ids return.
@@ -104,10 +104,11 @@ CONSUMED = {"pipeline": "joiner state of what was consumed, which depends on pol
 class Sizes:
     exposures: int  # in the pre-produced log; the stop point is the last full batch of its samples
     kills: int  # SIGKILLs per configuration
+    checkpoint_every: int = 1024  # samples (4 batches of 256); a demo checkpoint is ~24 MB on disk
 
 
 QUICK = Sizes(exposures=15_000, kills=5)
-FULL = Sizes(exposures=70_000, kills=20)
+FULL = Sizes(exposures=70_000, kills=20, checkpoint_every=2048)  # ~35 checkpoints of each of 4 runs: ~3.5 GB
 
 
 # ---------------------------------------------------------------------------- the schedule
@@ -129,7 +130,7 @@ def kill_schedule(rng: random.Random, kills: int) -> list[KillPlan]:
     startups = max(1, round(kills * STARTUP_SHARE))
     aims = [WRITE] * writes + [STARTUP] * startups + [BETWEEN] * max(0, kills - writes - startups)
     rng.shuffle(aims)
-    return [KillPlan(aim, rng.randrange(3), rng.randint(1, 3), rng.random() < 0.5, rng.random()) for aim in aims]
+    return [KillPlan(aim, rng.randrange(3), rng.randint(1, 2), rng.random() < 0.5, rng.random()) for aim in aims]
 
 
 @dataclass(frozen=True)
@@ -262,15 +263,17 @@ class World:
     messages: int  # events in the log
     samples: int  # the stop point: the last full batch of the samples the whole log yields
     services: Mapping[str, int | None]  # name -> pid of the broker and Redis, watched while daemons run
+    checkpoint_every: int  # samples between checkpoints
 
 
-def prepare_world(demo: DemoSetup, work: Path, exposures: int, services: Mapping[str, int | None]) -> World:
-    """Produce a seeded log of ``exposures`` on a new topic and find its stop point."""
+def prepare_world(demo: DemoSetup, work: Path, sizes: Sizes, services: Mapping[str, int | None]) -> World:
+    """Produce a seeded log of ``sizes.exposures`` on a new topic and find its stop point."""
     topic = f"chaos-{time.time_ns()}"
     config = demo.config(work / "log", topic, kafka={"group_id": f"{topic}-count"})
-    messages = int(produce_log(config, exposures)["events"])
+    messages = int(produce_log(config, sizes.exposures)["events"])
     batch = config.trainer.batch_size
-    return World(demo, topic, messages, samples_in_log(config, messages) // batch * batch, services)
+    return World(demo, topic, messages, samples_in_log(config, messages) // batch * batch, services,
+                 sizes.checkpoint_every)
 
 
 def samples_in_log(config: StreamtrainConfig, messages: int, timeout_s: float = 300.0) -> int:
@@ -356,7 +359,8 @@ def read_whole_log(state: Any, messages: int) -> bool:
 def config_file(world: World, run_dir: Path, redis: dict[str, str] | None) -> Path:
     """The effective config of one run, every key explicit, written beside its run dir."""
     group = f"{world.topic}-{run_dir.parent.name}-{run_dir.name}"  # lag tools only; one per run keeps them apart
-    layers: dict[str, Any] = {"checkpoints": CHECKPOINTS, "kafka": {"group_id": group}}
+    layers: dict[str, Any] = {"checkpoints": {**CHECKPOINTS, "every_samples": world.checkpoint_every},
+                              "kafka": {"group_id": group}}
     if redis is not None:
         layers |= {"redis": redis, "embeddings": COLD_TIER_TABLES}
     cfg = world.demo.config(run_dir, world.topic, **layers)
@@ -468,7 +472,7 @@ def run(sizes: Sizes, seed: int, overrides: list[str], work: Path) -> dict[str, 
     runs: dict[str, dict[str, Any]] = {}
     with EmbeddedBroker(log_dir=work) as broker, EmbeddedRedis(log_dir=work) as redis:
         try:
-            world = prepare_world(DemoSetup.load(broker, overrides), work, sizes.exposures,
+            world = prepare_world(DemoSetup.load(broker, overrides), work, sizes,
                                   {"broker": broker.pid, "redis": redis.pid})
             print(f"log: {world.messages:,} events, {sizes.exposures:,} exposures on {world.topic}; stop point "
                   f"{world.samples:,} samples (the last full batch of the whole log)", flush=True)
@@ -496,7 +500,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     sizes = QUICK if args.quick else FULL
     if args.kills is not None:
-        sizes = Sizes(sizes.exposures, args.kills)
+        sizes = replace(sizes, kills=args.kills)
     if args.quick:
         announce_quick(sizes)
     work = Path(tempfile.mkdtemp(prefix="bench-chaos-")) if args.keep is None else args.keep

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.chaos import BETWEEN, STARTUP, WRITE, KillPlan, prepare_world, run_configuration
+from bench.chaos import BETWEEN, STARTUP, WRITE, KillPlan, Sizes, prepare_world, run_configuration
 from bench.demo_setup import DemoSetup
 from streamtrain.services import EmbeddedBroker, EmbeddedRedis
 
@@ -31,7 +31,7 @@ KILLS = [
 def test_sigkilled_daemon_with_a_spilling_redis_cold_tier_ends_in_the_uninterrupted_state(
     broker: EmbeddedBroker, redis_server: EmbeddedRedis, tmp_path: Path
 ) -> None:
-    world = prepare_world(DemoSetup.load(broker, []), tmp_path, exposures=7000,
+    world = prepare_world(DemoSetup.load(broker, []), tmp_path, Sizes(exposures=7000, kills=len(KILLS)),
                           services={"broker": broker.pid, "redis": redis_server.pid})
     result = run_configuration(world, tmp_path / "redis_cold_tier", KILLS, redis_server.url)
 
