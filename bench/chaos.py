@@ -8,22 +8,22 @@ an embedded Redis, produces one seeded log of the demo world, and runs the CLI a
 would (``python -m streamtrain run --config FILE --stop-after-samples N``, JSON logs at INFO)
 with the demo's configuration (``configs/demo.yaml``: joiner ``emit_then_correct``, releases,
 monitors), a checkpoint every 8 batches (4 with ``--quick``) and every checkpoint kept (the
-ledger chain must reach back to the first). The stop point N is the last full batch of the samples the whole log
-yields (counted first by the consumer side alone), so every run reads the log to its end and
-the final checkpoints are comparable in everything, Kafka positions and joiner state
-included: how far a consumer has read by a given step depends on how fetches landed, which
-differs between any two runs. For each configuration:
+ledger chain must reach back to the first). The stop point N is the last full batch of the
+samples the whole log yields (counted first by the consumer side alone), so every run reads
+the log to its end and the final checkpoints are comparable in everything, Kafka positions
+and joiner state included: how far a consumer has read by a given step depends on how
+fetches landed, which differs between any two runs. For each configuration:
 
 1. **reference** -- one uninterrupted run to the stop point;
-2. **chaos** -- the same command on a fresh run dir, SIGKILLed at moments drawn from
-   ``--seed``: while a checkpoint is being written (a ``.tmp-ckpt-*`` directory of this
-   process exists; the kill counts as during the write only if that directory is still
-   there after the process died, i.e. it never got renamed into place), during start-up
-   (before the process's first checkpoint: at a random moment after spawn, or after its
-   restore ended -- the ``resumed from`` log line) or between checkpoints (a random
-   fraction of a checkpoint interval after one of its commits). What the schedule aimed at
-   and where each kill landed are both reported. After each kill the daemon is started
-   again, until a start runs to the stop point;
+2. **chaos** -- the same command on a fresh run dir, SIGKILLed (``bench.kills``) at moments
+   drawn from ``--seed``: while a checkpoint is being written (a ``.tmp-ckpt-*`` directory
+   of this process exists; the kill counts as during the write only if that directory is
+   still there after the process died, i.e. it never got renamed into place), during
+   start-up (before the process's first checkpoint: at a random moment after spawn, or
+   after its restore ended -- the ``resumed from`` log line) or between checkpoints (a
+   random fraction of a checkpoint interval after one of its commits). What the schedule
+   aimed at and where each kill landed are both reported. After each kill the daemon is
+   started again, until a start runs to the stop point;
 3. **judge** -- the chaos run's final checkpoint against the reference's over all state
    (``checkpoints.state_differences``, but ``streamtrain.runtime.replay.NOT_REPLAYED``),
    the manifest's offsets and watermark, and the ledger chain: every trained row exactly
@@ -52,13 +52,12 @@ import random
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,21 +66,13 @@ import yaml
 
 from bench.common import announce_quick, machine_info, parser, print_result, rounded
 from bench.demo_setup import DemoSetup, broker_state, produce_log
-from bench.restart import cli_command, log_time, read_latest
+from bench.kills import BETWEEN, STARTUP, WRITE, KillPlan, Life, Pace, kill_schedule, supervise
+from bench.restart import cli_command, read_latest
 from checkpoints import CheckpointStore, ledger_chain, state_differences
-from checkpoints.manifest import TMP_PREFIX
 from consumers.runtime import build_pipeline, make_producer
 from streamtrain.config import StreamtrainConfig
 from streamtrain.runtime.replay import NOT_REPLAYED
 from streamtrain.services import EmbeddedBroker, EmbeddedRedis
-
-# Where a kill lands (and what the schedule aims at).
-WRITE, STARTUP, BETWEEN = "during checkpoint write", "during start-up", "between checkpoints"
-WRITE_SHARE, STARTUP_SHARE = 0.3, 0.2  # of the kills; the rest between checkpoints
-READY = (b"resumed from", b"starting fresh")  # the log line that ends a start's restore
-POLL_S = 0.001  # the supervisor's look at the checkpoint root: a demo checkpoint write lasts tens of ms
-SERVICES_CHECK_S = 1.0  # how often the supervisor checks that the broker and Redis are still there
-LIFE_TIMEOUT_S = 600.0  # one daemon process, spawn to exit: far beyond any healthy one here
 
 # Never by wall time; all kept: the ledger chain is followed back to the first.
 CHECKPOINTS = {"every_seconds": None, "keep_last": 100_000}
@@ -109,148 +100,6 @@ class Sizes:
 
 QUICK = Sizes(exposures=15_000, kills=5)
 FULL = Sizes(exposures=70_000, kills=20, checkpoint_every=2048)  # ~35 checkpoints of each of 4 runs: ~3.5 GB
-
-
-# ---------------------------------------------------------------------------- the schedule
-@dataclass(frozen=True)
-class KillPlan:
-    """When to SIGKILL one daemon process (drawn before the run, from the seed)."""
-
-    aim: str  # WRITE, STARTUP or BETWEEN
-    writes_let_through: int = 0  # WRITE: checkpoint writes of this process that may finish first
-    commits_first: int = 1  # BETWEEN: checkpoints this process commits before the countdown starts
-    after_restore: bool = False  # STARTUP: count from the end of the restore, not from spawn
-    fraction: float = 0.5  # STARTUP: of the start-up window (or of a checkpoint interval after the
-    # restore); BETWEEN: of a checkpoint interval
-
-
-def kill_schedule(rng: random.Random, kills: int) -> list[KillPlan]:
-    """``kills`` plans, at least one of each aim, in a seeded order."""
-    writes = max(1, round(kills * WRITE_SHARE))
-    startups = max(1, round(kills * STARTUP_SHARE))
-    aims = [WRITE] * writes + [STARTUP] * startups + [BETWEEN] * max(0, kills - writes - startups)
-    rng.shuffle(aims)
-    return [KillPlan(aim, rng.randrange(3), rng.randint(1, 2), rng.random() < 0.5, rng.random()) for aim in aims]
-
-
-@dataclass(frozen=True)
-class Pace:
-    """How long things take here, measured on the reference run (scales the plans' fractions)."""
-
-    startup_s: float  # spawn -> first committed checkpoint
-    interval_s: float  # median time between two commits
-
-
-# ---------------------------------------------------------------------------- one process
-@dataclass
-class Life:
-    """One daemon process, spawn to exit."""
-
-    plan: KillPlan | None
-    log: Path
-    landed: str | None = None  # where the SIGKILL landed; None: the process exited by itself
-    killed_after_s: float | None = None
-    ready_s: float | None = None  # spawn -> the restore ended (seen by the supervisor), when watched
-    resumed_s: float | None = None  # spawn -> 'resumed from' log line (None: fresh start, or killed before)
-    commits_s: list[float] = field(default_factory=list)  # spawn -> each checkpoint it committed
-    exit_code: int | None = None
-
-    @property
-    def first_checkpoint_s(self) -> float | None:
-        return self.commits_s[0] if self.commits_s else None
-
-    def row(self) -> dict[str, Any]:
-        return {"aim": self.plan.aim if self.plan else None, "landed": self.landed,
-                "killed_after_s": rounded(self.killed_after_s), "resumed_s": rounded(self.resumed_s),
-                "first_checkpoint_s": rounded(self.first_checkpoint_s), "checkpoints": len(self.commits_s)}
-
-
-def temp_dirs(root: Path) -> set[str]:
-    try:
-        return {name for name in os.listdir(root) if name.startswith(TMP_PREFIX)}
-    except FileNotFoundError:
-        return set()
-
-
-def _kill_due(plan: KillPlan, pace: Pace, since_spawn: float, life: Life, writing: set[str], writes: set[str]) -> bool:
-    if plan.aim == WRITE:
-        return bool(writing) and len(writes) > plan.writes_let_through
-    if plan.aim == STARTUP and not plan.after_restore:
-        return since_spawn >= plan.fraction * pace.startup_s
-    if plan.aim == STARTUP:
-        return life.ready_s is not None and since_spawn >= life.ready_s + plan.fraction * pace.interval_s
-    return (len(life.commits_s) >= plan.commits_first
-            and since_spawn >= life.commits_s[plan.commits_first - 1] + plan.fraction * pace.interval_s)
-
-
-def supervise(command: list[str], log: Path, root: Path, services: Mapping[str, int | None],
-              plan: KillPlan | None = None, pace: Pace | None = None) -> Life:
-    """Run one daemon process; SIGKILL it as ``plan`` says (None: let it run to its end).
-    ``services`` (name -> pid) must stay up meanwhile: a daemon without a broker would wait
-    for it, not fail."""
-    life = Life(plan, log)
-    stale = temp_dirs(root)  # a killed predecessor's unfinished write, until this process's store removes it
-    writes: set[str] = set()
-    latest = read_latest(root)
-    watch_log = plan is not None and plan.aim == STARTUP and plan.after_restore
-    spawned = time.time()
-    start = time.monotonic()
-    services_checked = 0.0
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONHASHSEED": "0"})
-    try:
-        while proc.poll() is None:
-            since_spawn = time.monotonic() - start
-            if since_spawn > LIFE_TIMEOUT_S:
-                raise RuntimeError(f"daemon still running after {LIFE_TIMEOUT_S:.0f} s:\n{_tail(log)}")
-            if since_spawn - services_checked >= SERVICES_CHECK_S:
-                services_checked = since_spawn
-                if dead := exited(services):
-                    raise RuntimeError(f"{', '.join(dead)} exited under a running daemon (killed from outside?)")
-            if (seen := read_latest(root)) != latest:
-                latest = seen
-                life.commits_s.append(since_spawn)
-            writing = temp_dirs(root) - stale
-            writes |= writing
-            if watch_log and life.ready_s is None and any(marker in log.read_bytes() for marker in READY):
-                life.ready_s = since_spawn
-            if plan is not None and pace is not None and _kill_due(plan, pace, since_spawn, life, writing, writes):
-                proc.kill()
-                proc.wait()
-                life.killed_after_s = time.monotonic() - start
-                # Mid-write only if the write never got renamed into place before the process died.
-                life.landed = (WRITE if any((root / name).exists() for name in writing)
-                               else BETWEEN if life.commits_s else STARTUP)
-                break
-            time.sleep(POLL_S)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    life.exit_code = proc.returncode
-    if life.landed is None and proc.returncode != 0:
-        raise RuntimeError(f"daemon exited with {proc.returncode}:\n{_tail(log)}")
-    resumed = log_time(log, "resumed from")
-    life.resumed_s = None if resumed is None else resumed - spawned
-    return life
-
-
-def _tail(log: Path, chars: int = 3000) -> str:
-    return log.read_text(errors="replace")[-chars:]
-
-
-def exited(services: Mapping[str, int | None]) -> list[str]:
-    """The services whose process is gone (a zombie too: dead, not yet reaped)."""
-    dead = []
-    for name, pid in services.items():
-        try:  # /proc/<pid>/stat: "pid (comm) state ..."; comm may hold spaces and parentheses
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            state = "gone"
-        if pid is None or state in ("Z", "X", "gone"):
-            dead.append(f"{name} (pid {pid})")
-    return dead
 
 
 # ---------------------------------------------------------------------------- the log

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.chaos import BETWEEN, STARTUP, WRITE, KillPlan, Sizes, prepare_world, run_configuration
+from bench.chaos import Sizes, prepare_world, run_configuration
+from bench.kills import BETWEEN, STARTUP, WRITE, KillPlan
 from bench.demo_setup import DemoSetup
 from streamtrain.services import EmbeddedBroker, EmbeddedRedis
 
