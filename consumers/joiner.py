@@ -238,8 +238,13 @@ class LabelJoiner:
         events = staged.take(ready)
         if not len(events):
             return []
+<<<<<<< HEAD
         events = events.take(np.lexsort((events.offset, events.partition, events.eid, events.etype, events.ts)))
         self._finalised_ts = int(events.ts[-1])
+=======
+        # Partition and offset break the last ties, so the order never depends on arrival.
+        events = events.take(np.lexsort((events.offset, events.partition, events.eid, events.etype, events.ts)))
+>>>>>>> chaos-bench
         bucket = events.ts // self.config.stats_refresh_ms
         cuts = [0, *(np.flatnonzero(np.diff(bucket)) + 1).tolist(), len(events)]
         rejections: list[Rejection] = []
@@ -480,6 +485,10 @@ class LabelJoiner:
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         staged = EventBatch.concat(self._staged) if self._staged else EventBatch.empty(self.S, self.D)
+        # Staged events are held in arrival order, which interleaves partitions as fetches
+        # happened to land; saved in (partition, offset) order, the state is a function of what
+        # was consumed, not of when (order is immaterial to the join: _finalise sorts).
+        staged = staged.take(np.lexsort((staged.offset, staged.partition)))
         return {
             "format_version": FORMAT_VERSION,
             "watermark": self.watermark,

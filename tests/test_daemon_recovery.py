@@ -4,8 +4,8 @@ A fixed, seeded event log is trained once uninterrupted (the reference). Every o
 here is disturbed — SIGKILLed at several moments (one of them mid-checkpoint-write),
 stopped by SIGTERM and resumed, starved by a SIGSTOPped broker, restarted on a corrupted
 latest checkpoint — and must end in the state of the reference, every value of every
-component bit for bit (but what NOT_REPLAYED names, with its reason), and a
-ledger chain holding every trained sample id exactly once.
+component bit for bit (but what ``streamtrain.runtime.exactness.NOT_REPLAYED`` names, each with
+its reason), and a ledger chain holding every trained sample id exactly once.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import pytest
 
 from checkpoints import ledger_chain, state_differences
 from daemon_harness import final_state, kill_leftover_daemons, produce_log, start_daemon, write_config
+from streamtrain.runtime.exactness import NOT_REPLAYED
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -63,17 +64,6 @@ def _run_to_end(config: Path, log: Path, *args: str) -> None:
     the same however the run was interrupted, so the whole of it can be compared."""
     proc = start_daemon(config, *args, log_path=log)
     assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
-
-
-# What a disturbed run may hold differently from the uninterrupted one, and why. Everything
-# else — every tensor and value of the trainer (weights, Adam moments, table rows, keys,
-# optimizer slots, scores, admission sketch, RNG), pipeline, buffer, monitors, gate and
-# releases — must be identical, bit for bit.
-NOT_REPLAYED = {
-    "monitors.gate.last_transition.wall_time": "wall-clock stamp for alert timestamps, never used in decisions",
-    "ledger": "ids trained since the parent checkpoint, whose parents differ between runs: the whole chain is "
-              "compared instead",
-}
 
 
 def assert_same_as_reference(run_dir: Path, reference_dir: Path, what: object) -> None:
