@@ -238,13 +238,9 @@ class LabelJoiner:
         events = staged.take(ready)
         if not len(events):
             return []
-<<<<<<< HEAD
-        events = events.take(np.lexsort((events.offset, events.partition, events.eid, events.etype, events.ts)))
-        self._finalised_ts = int(events.ts[-1])
-=======
         # Partition and offset break the last ties, so the order never depends on arrival.
         events = events.take(np.lexsort((events.offset, events.partition, events.eid, events.etype, events.ts)))
->>>>>>> chaos-bench
+        self._finalised_ts = int(events.ts[-1])
         bucket = events.ts // self.config.stats_refresh_ms
         cuts = [0, *(np.flatnonzero(np.diff(bucket)) + 1).tolist(), len(events)]
         rejections: list[Rejection] = []
