@@ -5,16 +5,15 @@ end in the state of an uninterrupted run -- without and with the Redis cold tier
 
 Everything is real and local. The benchmark starts an embedded broker (Tansu, in memory) and
 an embedded Redis, produces one seeded log of the demo world, and runs the CLI as an operator
-would (``python -m streamtrain run --config FILE --stop-after-samples N``, JSON logs at INFO)
-with the demo's configuration (``configs/demo.yaml``: joiner ``emit_then_correct``, releases,
-monitors), a checkpoint every 8 batches (4 with ``--quick``) and every checkpoint kept (the
-ledger chain must reach back to the first). The stop point N is the last full batch of the
-samples the whole log yields (counted first by the consumer side alone), so every run reads
-the log to its end and the final checkpoints are comparable in everything, Kafka positions
-and joiner state included: how far a consumer has read by a given step depends on how
-fetches landed, which differs between any two runs. For each configuration:
+would (``python -m streamtrain run --config FILE``, JSON logs at INFO) with the demo's
+configuration (``configs/demo.yaml``: joiner ``emit_then_correct``, releases, monitors), a
+checkpoint every 8 batches (4 with ``--quick``) and every checkpoint kept (the ledger chain
+must reach back to the first). The log ends with end-of-input markers, so every run trains
+it to its last sample and exits by itself: the final checkpoints are comparable in
+everything, Kafka positions and joiner state included (where a run stopped mid-log would
+depend on how fetches landed, which differs between any two runs). For each configuration:
 
-1. **reference** -- one uninterrupted run to the stop point;
+1. **reference** -- one uninterrupted run to the end of the log;
 2. **chaos** -- the same command on a fresh run dir, SIGKILLed (``bench.kills``) at moments
    drawn from ``--seed``: while a checkpoint is being written (a ``.tmp-ckpt-*`` directory
    of this process exists; the kill counts as during the write only if that directory is
@@ -23,13 +22,13 @@ fetches landed, which differs between any two runs. For each configuration:
    after its restore ended -- the ``resumed from`` log line) or between checkpoints (a
    random fraction of a checkpoint interval after one of its commits). What the schedule
    aimed at and where each kill landed are both reported. After each kill the daemon is
-   started again, until a start runs to the stop point;
+   started again, until a start runs to the end of the log;
 3. **judge** -- the chaos run's final checkpoint against the reference's over all state
    (``checkpoints.state_differences``, but ``streamtrain.runtime.exactness.NOT_REPLAYED``),
    the manifest's offsets and watermark, and the ledger chain: every trained row exactly
    once, i.e. the chain's sample ids equal the reference's as a multiset (with
    ``emit_then_correct`` a correction row carries its exposure's sample id, so an id may
-   legitimately appear more than once), ``N`` of them, no link lost. A divergence also names
+   legitimately appear more than once), as many as the reference trained, no link lost. A divergence also names
    the first checkpoint on the chaos run's chain whose trained state (trainer, monitors,
    releases) differs from the reference's checkpoint of the same step.
 
@@ -69,8 +68,6 @@ from bench.demo_setup import DemoSetup, broker_state, produce_log
 from bench.kills import BETWEEN, STARTUP, WRITE, KillPlan, Life, Pace, kill_schedule, supervise
 from bench.restart import cli_command, read_latest
 from checkpoints import CheckpointStore, ledger_chain, state_differences
-from consumers.runtime import build_pipeline, make_producer
-from streamtrain.config import StreamtrainConfig
 from streamtrain.runtime.exactness import NOT_REPLAYED
 from streamtrain.services import EmbeddedBroker, EmbeddedRedis
 
@@ -85,15 +82,14 @@ CONFIGURATIONS = ("no_redis", "redis_cold_tier")
 COUNTERS = ("spills", "cold_hits", "cold_misses", "evictions", "admissions", "rejections")
 # At two checkpoints of the same step, how far the consumer had read depends on how fetches
 # landed, so first_divergence compares these only where both hold the same Kafka positions.
-# The final checkpoints are compared in everything: both runs have read the whole log by the
-# stop point (``read_whole_log`` in the result says whether they did).
+# The final checkpoints are compared in everything: both runs have read the whole log.
 CONSUMED = {"pipeline": "joiner state of what was consumed, which depends on poll timing",
             "buffer": "samples emitted but not yet trained, likewise"}
 
 
 @dataclass(frozen=True)
 class Sizes:
-    exposures: int  # in the pre-produced log; the stop point is the last full batch of its samples
+    exposures: int  # in the pre-produced log, which ends with end-of-input markers
     kills: int  # SIGKILLs per configuration
     checkpoint_every: int = 1024  # samples (4 batches of 256); a demo checkpoint is ~24 MB on disk
 
@@ -110,36 +106,16 @@ class World:
     demo: DemoSetup
     topic: str
     messages: int  # events in the log
-    samples: int  # the stop point: the last full batch of the samples the whole log yields
     services: Mapping[str, int | None]  # name -> pid of the broker and Redis, watched while daemons run
     checkpoint_every: int  # samples between checkpoints
 
 
 def prepare_world(demo: DemoSetup, work: Path, sizes: Sizes, services: Mapping[str, int | None]) -> World:
-    """Produce a seeded log of ``sizes.exposures`` on a new topic and find its stop point."""
+    """Produce a seeded log of ``sizes.exposures``, ended by end-of-input markers, on a new topic."""
     topic = f"chaos-{time.time_ns()}"
-    config = demo.config(work / "log", topic, kafka={"group_id": f"{topic}-count"})
-    messages = int(produce_log(config, sizes.exposures)["events"])
-    batch = config.trainer.batch_size
-    return World(demo, topic, messages, samples_in_log(config, messages) // batch * batch, services,
-                 sizes.checkpoint_every)
-
-
-def samples_in_log(config: StreamtrainConfig, messages: int, timeout_s: float = 300.0) -> int:
-    """Samples the daemon's consumer side emits from the whole log, read to its end (without
-    a flush: what a daemon that has read everything has emitted)."""
-    ingest = config.ingest()
-    pipeline = build_pipeline(ingest, make_producer(ingest))
-    emitted = 0
-    deadline = time.monotonic() + timeout_s
-    try:
-        while sum(pipeline.positions()[ingest.source.topic].values()) < messages:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"read {pipeline.positions()} of {messages} messages in {timeout_s:.0f} s")
-            emitted += sum(len(batch["sample_id"]) for batch in pipeline.poll(ingest.poll_max_messages, 0.5))
-    finally:
-        pipeline.close(5.0)
-    return emitted
+    config = demo.config(work / "log", topic)
+    messages = int(produce_log(config, sizes.exposures, mark_end=True)["events"])
+    return World(demo, topic, messages, services, sizes.checkpoint_every)
 
 
 # ---------------------------------------------------------------------------- the judge
@@ -198,12 +174,6 @@ def table_counters(state: Any) -> dict[str, dict[str, int]]:
     return {name: {c: int(t[f"counters.{c}"]) for c in COUNTERS} for name, t in sorted(tables.items())}
 
 
-def read_whole_log(state: Any, messages: int) -> bool:
-    """Whether a checkpoint's positions are at the end of the log (the precondition for
-    comparing consumer-side state)."""
-    return sum(o for parts in state.offsets.values() for o in parts.values()) == messages
-
-
 # ---------------------------------------------------------------------------- one configuration
 def config_file(world: World, run_dir: Path, redis: dict[str, str] | None) -> Path:
     """The effective config of one run, every key explicit, written beside its run dir."""
@@ -221,7 +191,7 @@ def config_file(world: World, run_dir: Path, redis: dict[str, str] | None) -> Pa
 def run_configuration(world: World, work: Path, plans: list[KillPlan], redis_url: str | None) -> dict[str, Any]:
     """Reference, chaos run (``plans``, then a run to the end) and judgement for one
     configuration, in ``work`` (its name names the configuration)."""
-    name, samples = work.name, world.samples
+    name = work.name
     (work / "logs").mkdir(parents=True)
     roots: dict[str, Path] = {}
     commands: dict[str, list[str]] = {}
@@ -229,11 +199,12 @@ def run_configuration(world: World, work: Path, plans: list[KillPlan], redis_url
         redis = None if redis_url is None else {"url": redis_url, "key_prefix": f"{world.topic}:{name}:{role}:"}
         roots[role] = work / role / "checkpoints"
         config = config_file(world, work / role, redis)
-        commands[role] = [*cli_command(config), "--stop-after-samples", str(samples)]
+        commands[role] = cli_command(config)  # no stop point: the log's end-of-input markers end the run
 
     started = time.monotonic()
     reference = supervise(commands["reference"], work / "logs" / "reference.log", roots["reference"], world.services)
     reference_s = time.monotonic() - started
+    samples = int(final_checkpoint(roots["reference"]).components["trainer"]["samples"])
     commits = reference.commits_s
     pace = Pace(startup_s=commits[0], interval_s=float(np.median(np.diff(commits))) if len(commits) > 1 else 1.0)
     print(f"[{name}] reference: {samples:,} samples, {len(commits)} checkpoints in {reference_s:.1f} s "
@@ -271,7 +242,7 @@ def run_configuration(world: World, work: Path, plans: list[KillPlan], redis_url
         "restart_to_resumed_s": [rounded(life.resumed_s) for life in restarts],
         "restart_to_checkpoint_s": [rounded(life.first_checkpoint_s) for life in restarts],
         "checkpoints": len(ledger_chain(roots["chaos"]).links), "reference_checkpoints": len(commits),
-        "read_whole_log": read_whole_log(final, world.messages) and read_whole_log(ref_final, world.messages),
+        "read_whole_log": final.offsets == ref_final.offsets and final.components["pipeline"]["ended"] != [],
         "reference_s": round(reference_s, 1), "chaos_s": round(chaos_s, 1),
         "cold_tier": cold or None,
         "cold_tier_exercised": redis_url is None or all(c["spills"] > 0 and c["cold_hits"] > 0 for c in cold.values()),
@@ -323,8 +294,8 @@ def run(sizes: Sizes, seed: int, overrides: list[str], work: Path) -> dict[str, 
         try:
             world = prepare_world(DemoSetup.load(broker, overrides), work, sizes,
                                   {"broker": broker.pid, "redis": redis.pid})
-            print(f"log: {world.messages:,} events, {sizes.exposures:,} exposures on {world.topic}; stop point "
-                  f"{world.samples:,} samples (the last full batch of the whole log)", flush=True)
+            print(f"log: {world.messages:,} events, {sizes.exposures:,} exposures on {world.topic}, ended by "
+                  "end-of-input markers", flush=True)
             for name in CONFIGURATIONS:
                 plans = kill_schedule(random.Random(f"{seed}:{name}"), sizes.kills)
                 redis_url = redis.url if name == "redis_cold_tier" else None

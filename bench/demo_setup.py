@@ -47,13 +47,14 @@ class DemoSetup:
         return build_config(self.demo, {"run_dir": str(run_dir), "kafka": kafka}, layers, self.overrides)
 
 
-def produce_log(config: StreamtrainConfig, exposures: int) -> dict[str, Any]:
-    """A seeded log of the demo world on ``config``'s topic, produced as fast as possible;
+def produce_log(config: StreamtrainConfig, exposures: int, mark_end: bool = False) -> dict[str, Any]:
+    """A seeded log of the demo world on ``config``'s topic, produced as fast as possible
+    (with ``mark_end``, ended by end-of-input markers: a daemon trains all of it and exits);
     returns the simulator's summary."""
     kafka = config.kafka
     create_topics(kafka.bootstrap_servers, [kafka.topic, kafka.dlq_topic], kafka.partitions)
     sim = config.simulator.model_copy(update={"rate": 0.0, "time_scale": 0.0, "exposures": exposures})
-    return run_simulation(sim, KafkaSink(kafka.bootstrap_servers, kafka.topic)).summary()
+    return run_simulation(sim, KafkaSink(kafka.bootstrap_servers, kafka.topic, mark_end=mark_end)).summary()
 
 
 def broker_state(broker: EmbeddedBroker) -> str:
