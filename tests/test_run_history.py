@@ -65,7 +65,7 @@ def test_turns_write_status_rows_at_most_once_per_interval_and_events_on_change(
     now = [1000.0]
     series = TimeSeries(tmp_path, status_every_s=1.0, clock=lambda: now[0])
     fresh = _histogram()
-    series.turn(_status(0, state="starting", last_checkpoint="ckpt-1"), fresh)
+    series.turn(_status(0, state="starting", last_checkpoint="ckpt-1"), {"freshness": fresh})
     for step in range(1, 11):  # ten turns in 0.5 s steps: five rows, plus the first
         now[0] += 0.5
         fresh.observe(2.0)
@@ -74,8 +74,9 @@ def test_turns_write_status_rows_at_most_once_per_interval_and_events_on_change(
                                     "monitors": ["auc"], "manual": False} if step >= 6 else None}
         series.turn(_status(step * 100, gate=gate, gate_transitions=1 if step >= 6 else 0,
                             checkpoints_written=1 if step >= 4 else 0, last_checkpoint="ckpt-2" if step >= 4 else "ckpt-1",
-                            current_version=VersionStatus("v000001", 1, 5.0) if step >= 8 else None), fresh)
-    series.turn(_status(1000, state="stopped"), fresh)
+                            current_version=VersionStatus("v000001", 1, 5.0) if step >= 8 else None),
+                    {"freshness": fresh})
+    series.turn(_status(1000, state="stopped"), {"freshness": fresh})
     history = load_history(tmp_path)
     assert [r["samples"] for r in history.status] == [0, 200, 400, 600, 800, 1000, 1000]
     assert history.status[2]["samples_per_s"] == pytest.approx(200.0)  # 200 samples in 1 s
@@ -94,7 +95,7 @@ def test_a_replay_keeps_the_rows_it_rewrote_once(tmp_path: Path) -> None:
         series = TimeSeries(tmp_path, status_every_s=0.0, clock=lambda: now[0])
         for s in samples:
             now[0] += 1
-            series.turn(_status(s), _histogram())
+            series.turn(_status(s), {})
         for w in windows:
             series.window(Verdict("auc", w, (w + 1) * 100, True, True, False, False, {"auc/ctr": 0.6 + w / 100}),
                           samples=(w + 1) * 100, ts_ms=None)
@@ -122,7 +123,7 @@ def test_a_failing_disk_drops_rows_and_never_raises(tmp_path: Path, caplog: pyte
     blocker.write_text("a file where the run directory should be")
     series = TimeSeries(blocker)
     for samples in (0, 100):
-        series.turn(_status(samples), _histogram())
+        series.turn(_status(samples), {})
     assert caplog.text.count("run history not written") == 1
 
 

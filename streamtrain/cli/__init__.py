@@ -16,6 +16,7 @@ from streamtrain.cli import (
     gate_cmd,
     join_cmd,
     publish_cmd,
+    report_cmd,
     run_cmd,
     services_cmd,
     simulate_cmd,
@@ -28,7 +29,8 @@ from streamtrain.services import ServiceError
 
 log = logging.getLogger("streamtrain")
 
-COMMANDS = (demo_cmd, run_cmd, join_cmd, config_cmd, services_cmd, simulate_cmd, checkpoints_cmd, gate_cmd, publish_cmd)
+COMMANDS = (demo_cmd, run_cmd, report_cmd, join_cmd, config_cmd, services_cmd, simulate_cmd, checkpoints_cmd, gate_cmd,
+            publish_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,7 +10,8 @@ null before the first event):
     process started: tells a restart's rows apart), ``steps``,
     ``samples_per_s`` (since the previous row of the same process), ``events``, ``dlq``,
     ``lag`` (sums over partitions), ``loss`` ({part: value}), ``freshness_s`` (mean wall
-    time from event to trained, over the interval), ``gate`` ("open" | "frozen"),
+    time from event to trained, over the interval), ``join_latency_s`` (mean event time
+    from exposure to the watermark that released its sample), ``gate`` ("open" | "frozen"),
     ``checkpoint`` and ``version`` (names, or null).
 ``windows-<monitor>.jsonl``  one row per closed window of that monitor: ``window``,
     ``rows`` (samples the monitor had seen: exposures only), ``judged``, ``ok``,

@@ -335,7 +335,7 @@ class Daemon:
         with self._status_lock:
             self._status = status
         self.metrics.update_snapshot(metric_points(status))
-        self.timeseries.turn(status, self.metrics.freshness)
+        self.timeseries.turn(status, {"freshness": self.metrics.freshness, "join_latency": self.metrics.join_latency})
 
     # ------------------------------------------------------------------ the loop
     def _observe(self, batch: SampleBatch, result: StepResult) -> None:

@@ -24,9 +24,9 @@ events_rows`` rows (about 10 MB at the defaults with a few features: a status ro
   wrong unfreeze. 8192 events hold a month of 5-minute checkpoints; status rows keep the
   gate state for the whole run regardless.
 
-Rows are the snapshot's values, not deltas (except ``samples_per_s`` and ``freshness_s``,
-which cover the interval since the previous row of this process), so a thinned file
-still plots correctly.
+Rows are the snapshot's values, not deltas (except ``samples_per_s`` and the latency
+means, which cover the interval since the previous row of this process), so a thinned
+file still plots correctly.
 """
 
 from __future__ import annotations
@@ -165,13 +165,15 @@ class TimeSeries:
         self._caps: dict[str, tuple[int, str | None]] = {STATUS_FILE: (status_rows, "t"), EVENTS_FILE: (events_rows, None)}
         self._previous: DaemonStatus | None = None  # snapshot of the previous turn
         self._run: float | None = None  # wall time of this process's first turn: tells runs apart
-        self._last_row: tuple[float, int, float, float] | None = None  # t, samples, freshness sum, count
+        self._last_row: tuple[float, int, dict[str, tuple[float, float]]] | None = None  # t, samples, histogram totals
         self._failing = False
 
     # ------------------------------------------------------------------ feeding
-    def turn(self, status: DaemonStatus, freshness: Histogram) -> None:
+    def turn(self, status: DaemonStatus, latencies: Mapping[str, Histogram]) -> None:
         """After a loop turn: events since the previous turn, and a status row when one is
-        due (always for a snapshot that is not ``running``: the first and the last)."""
+        due (always for a snapshot that is not ``running``: the first and the last).
+        ``latencies``: unlabelled histograms whose mean over the interval goes into the row
+        as ``<name>_s`` (the daemon's freshness and join latency)."""
         now = self._clock()
         previous, self._previous = self._previous, status
         at = {"t": now, "samples": status.samples_trained, "ts_ms": status.watermark}
@@ -183,7 +185,8 @@ class TimeSeries:
                 self._write(EVENTS_FILE, {**at, **event})
         due = self._last_row is None or now - self._last_row[0] >= self._status_every_s
         if due or status.state != "running":
-            self._write(STATUS_FILE, {**at, **self._status_row(status, now, *_totals(freshness))})
+            totals = {name: _totals(histogram) for name, histogram in latencies.items()}
+            self._write(STATUS_FILE, {**at, **self._status_row(status, now, totals)})
 
     def window(self, verdict: Verdict, *, samples: int, ts_ms: int | None) -> None:
         """A monitor closed a window (``samples`` trained and event time ``ts_ms`` then)."""
@@ -195,15 +198,18 @@ class TimeSeries:
             "warming_up": verdict.warming_up, "reason": verdict.reason[:MAX_REASON_CHARS], "metrics": metrics})
 
     # ------------------------------------------------------------------ rows
-    def _status_row(self, status: DaemonStatus, now: float, fresh_sum: float, fresh_count: float) -> dict[str, Any]:
-        rate = freshness = None
+    def _status_row(self, status: DaemonStatus, now: float, totals: dict[str, tuple[float, float]]) -> dict[str, Any]:
+        rate = None
+        means: dict[str, float | None] = {f"{name}_s": None for name in totals}
         if self._last_row is not None:
-            t, samples, last_sum, last_count = self._last_row
+            t, samples, last = self._last_row
             if now > t and status.samples_trained >= samples:
                 rate = (status.samples_trained - samples) / (now - t)
-            if fresh_count > last_count:
-                freshness = (fresh_sum - last_sum) / (fresh_count - last_count)
-        self._last_row = (now, status.samples_trained, fresh_sum, fresh_count)
+            for name, (total, count) in totals.items():
+                last_total, last_count = last.get(name, (0.0, 0.0))
+                if count > last_count:
+                    means[f"{name}_s"] = (total - last_total) / (count - last_count)
+        self._last_row = (now, status.samples_trained, totals)
         counters = status.counters
         return {
             "run": self._run,
@@ -213,7 +219,7 @@ class TimeSeries:
             "dlq": sum(v for k, v in counters.items() if k.startswith("dlq.")),
             "lag": sum(max(0, v) for v in status.lag.values()),
             "loss": {k: _finite_or_none(v) for k, v in status.losses.items()},
-            "freshness_s": freshness,
+            **means,
             "gate": status.gate.get("state"),
             "checkpoint": status.last_checkpoint,
             "version": status.current_version.name if status.current_version else None,
