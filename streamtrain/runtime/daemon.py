@@ -471,7 +471,7 @@ def _log_window(verdict: Verdict) -> None:
     windows at DEBUG (bad ones are logged as warnings by the monitors' LogSink)."""
     level = logging.INFO if verdict.monitor == "auc" else logging.DEBUG
     if log.isEnabledFor(level):
-        metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted(verdict.metrics.items()) if isinstance(v, float))
+        metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(verdict.metrics.items()) if isinstance(v, float))
         log.log(level, "%s window %d (%d samples): %s", verdict.monitor, verdict.window, verdict.sample_count, metrics,
                 extra={"window": verdict.to_dict()})
 
