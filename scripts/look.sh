@@ -52,7 +52,7 @@ tmux capture-pane -p -t "$session" > "$out/terminal-end.txt"
 # The report, drawn by a browser (a fresh profile; nothing but the file is loaded).
 chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking \
   --disable-component-update --disable-sync --hide-scrollbars --user-data-dir="$profile" \
-  --window-size=1240,4400 --screenshot="$out/report.png" "file://$out/run/report/index.html" 2>/dev/null
+  --window-size=1240,4000 --screenshot="$out/report.png" "file://$out/run/report/index.html" 2>/dev/null
 test -s "$out/report.png"
 echo "terminal (live):  $out/terminal-live.txt"
 echo "terminal (end):   $out/terminal-end.txt"

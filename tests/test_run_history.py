@@ -69,21 +69,22 @@ def test_turns_write_status_rows_at_most_once_per_interval_and_events_on_change(
     for step in range(1, 11):  # ten turns in 0.5 s steps: five rows, plus the first
         now[0] += 0.5
         fresh.observe(2.0)
-        gate = {"state": "frozen" if step >= 6 else "open",
+        gate = {"state": "frozen" if step >= 5 else "open",
                 "last_transition": {"seq": 1, "from": "open", "to": "frozen", "reason": "auc: AUC 0.51 < floor",
-                                    "monitors": ["auc"], "manual": False} if step >= 6 else None}
-        series.turn(_status(step * 100, gate=gate, gate_transitions=1 if step >= 6 else 0,
+                                    "monitors": ["auc"], "manual": False} if step >= 5 else None}
+        series.turn(_status(step * 100, gate=gate, gate_transitions=1 if step >= 5 else 0,
                             checkpoints_written=1 if step >= 4 else 0, last_checkpoint="ckpt-2" if step >= 4 else "ckpt-1",
                             current_version=VersionStatus("v000001", 1, 5.0) if step >= 8 else None),
                     {"freshness": fresh})
     series.turn(_status(1000, state="stopped"), {"freshness": fresh})
     history = load_history(tmp_path)
-    assert [r["samples"] for r in history.status] == [0, 200, 400, 600, 800, 1000, 1000]
+    # a row a second, and one in the turn the gate froze (500, between two due rows), and the last
+    assert [r["samples"] for r in history.status] == [0, 200, 400, 500, 700, 900, 1000]
     assert history.status[2]["samples_per_s"] == pytest.approx(200.0)  # 200 samples in 1 s
     assert history.status[2]["freshness_s"] == pytest.approx(2.0)
     assert [r["gate"] for r in history.status][-3:-1] == ["frozen", "frozen"]
     kinds = [(e["kind"], e["samples"]) for e in history.events]
-    assert kinds == [("start", 0), ("checkpoint", 400), ("gate", 600), ("version", 800)]
+    assert kinds == [("start", 0), ("checkpoint", 400), ("gate", 500), ("version", 800)]
     assert history.events[0]["resumed_from"] == "ckpt-1", "the restored checkpoint is not a new one"
     assert history.events[2]["reason"] == "auc: AUC 0.51 < floor"
 

@@ -171,7 +171,8 @@ class TimeSeries:
     # ------------------------------------------------------------------ feeding
     def turn(self, status: DaemonStatus, latencies: Mapping[str, Histogram]) -> None:
         """After a loop turn: events since the previous turn, and a status row when one is
-        due (always for a snapshot that is not ``running``: the first and the last).
+        due, or the gate changed (so FROZEN spans start where the transition is), or the
+        snapshot is not ``running`` (the first and the last).
         ``latencies``: unlabelled histograms whose mean over the interval goes into the row
         as ``<name>_s`` (the daemon's freshness and join latency)."""
         now = self._clock()
@@ -184,7 +185,8 @@ class TimeSeries:
             for event in _events_between(previous, status):
                 self._write(EVENTS_FILE, {**at, **event})
         due = self._last_row is None or now - self._last_row[0] >= self._status_every_s
-        if due or status.state != "running":
+        gate_moved = previous is not None and previous.gate_transitions != status.gate_transitions
+        if due or gate_moved or status.state != "running":
             totals = {name: _totals(histogram) for name, histogram in latencies.items()}
             self._write(STATUS_FILE, {**at, **self._status_row(status, now, totals)})
 
