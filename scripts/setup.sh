@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Idempotent set-up: .venv + pinned dependencies + redis-server (+ promtool for tests).
+# Idempotent set-up: .venv + pinned dependencies + redis-server (+ promtool, docker-compose for tests).
 # Usage: scripts/setup.sh [demo|test]
 # A second run is fast: pip runs only when pyproject.toml / constraints.txt changed.
 set -euo pipefail
@@ -33,6 +33,8 @@ fi
 need_pkgs=()
 command -v redis-server >/dev/null || need_pkgs+=(redis-server)
 [ "$profile" = test ] && ! command -v promtool >/dev/null && need_pkgs+=(prometheus)
+# `docker-compose config` parses compose/docker-compose.yml in the tests; no engine is needed
+[ "$profile" = test ] && ! command -v docker-compose >/dev/null && need_pkgs+=(docker-compose)
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     say "installing ${need_pkgs[*]} with apt-get"
@@ -43,7 +45,8 @@ if [ "${#need_pkgs[@]}" -gt 0 ]; then
     for p in "${need_pkgs[@]}"; do
       case "$p" in
         redis-server) say "redis-server is missing: install it (sudo apt-get install redis-server / brew install redis) and re-run"; exit 1 ;;
-        prometheus) say "promtool is missing: the metrics lint test will be skipped (sudo apt-get install prometheus to run it)" ;;
+        prometheus) say "promtool is missing: the metrics lint and alert rule tests will be skipped (sudo apt-get install prometheus to run them)" ;;
+        docker-compose) say "docker-compose is missing: the compose parse test will be skipped (sudo apt-get install docker-compose to run it)" ;;
       esac
     done
   fi

@@ -1,17 +1,28 @@
-"""Render the default configuration as commented YAML (``configs/default.yaml``).
+"""Render the configuration's documentation from the config models themselves.
 
 Every config field carries a ``# why`` comment in its model's source; this module lifts
-those comments into the YAML so the shipped file documents itself and cannot drift from
-the code (``tests/test_config.py`` regenerates and compares it).
-``python -m streamtrain.config_docs > configs/default.yaml`` rewrites it.
+those comments into two generated files, so neither can drift from the code
+(``tests/test_config.py`` regenerates and compares both):
+
+* ``configs/default.yaml``: the defaults as commented YAML
+  (``python -m streamtrain.config_docs > configs/default.yaml``);
+* ``docs/configuration.md``: the reference, one table per section with each field's
+  default, type, bounds and reason
+  (``python -m streamtrain.config_docs --markdown > docs/configuration.md``).
 """
 
 from __future__ import annotations
 
 import inspect
 import re
+import sys
+import types
+import typing
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
+
+import annotated_types
 
 import yaml
 from pydantic import BaseModel
@@ -44,7 +55,7 @@ def _comments(model: type[BaseModel]) -> dict[str, str]:
         for i, line in enumerate(lines):
             match = _FIELD_LINE.match(line)
             if match and match.group(1) in cls.model_fields:
-                comments[match.group(1)] = match.group(2)
+                comments[match.group(1)] = " ".join([match.group(2), *_continued(lines, i, cls)])
             elif re.match(r"^\s*(\w+)\s*:", line) and i > 0 and lines[i - 1].strip().startswith("#"):
                 name = line.split(":")[0].strip()
                 if name in cls.model_fields:  # comment on the line(s) above the field
@@ -55,6 +66,19 @@ def _comments(model: type[BaseModel]) -> dict[str, str]:
                         j -= 1
                     comments.setdefault(name, " ".join(above))
     return comments
+
+
+def _continued(lines: list[str], i: int, cls: type[BaseModel]) -> list[str]:
+    """Comment lines right under field line ``i`` that continue its same-line comment: they
+    do unless the next field has no same-line comment of its own (then they are its comment,
+    written above it)."""
+    j = i + 1
+    while j < len(lines) and lines[j].strip().startswith("#"):
+        j += 1
+    field = re.match(r"^\s*(\w+)\s*:", lines[j]) if j < len(lines) else None
+    if field and field.group(1) in cls.model_fields and not _FIELD_LINE.match(lines[j]):
+        return []
+    return [line.strip().lstrip("# ") for line in lines[i + 1:j]]
 
 
 def _scalar(value: Any) -> str:
@@ -83,5 +107,85 @@ def render_default_config() -> str:
     return _HEADER + "\n".join(out) + "\n"
 
 
+_MD_HEADER = """\
+# Configuration reference
+
+Generated from the config models by `python -m streamtrain.config_docs --markdown`
+(`tests/test_config.py` fails when this file and the code disagree). Every field has a
+default; the last column says why it is that. `configs/default.yaml` holds the same
+defaults as a YAML file to start from.
+
+Precedence, lowest to highest: built-in defaults < `--config FILE` (YAML) < environment
+variables `STREAMTRAIN_<SECTION>__<FIELD>` (e.g. `STREAMTRAIN_TRAINER__BATCH_SIZE=512`;
+double underscores separate levels, values are YAML scalars) < `--set section.field=value`.
+Unknown keys are errors at every layer. `streamtrain config show` prints the effective
+configuration, `streamtrain config validate FILE` checks a file.
+
+Derived values: `features` declares the features once; the joiner's feature lists, the
+model's feature counts and every table's `dim` (from `model.embedding_dim`) follow from
+it, and `checkpoints.root` / `publishing.root` default to directories under `run_dir`.
+Setting a derived value to something inconsistent is an error.
+"""
+
+_TYPE_NAMES = {str: "string", int: "integer", float: "number", bool: "boolean", Path: "path"}
+_BOUNDS = ((annotated_types.Ge, "ge", "≥"), (annotated_types.Gt, "gt", ">"),
+           (annotated_types.Le, "le", "≤"), (annotated_types.Lt, "lt", "<"))
+
+
+def _type_name(annotation: Any) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return " | ".join(f"`{a}`" for a in args)
+    if origin in (typing.Union, types.UnionType):
+        named = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(named) + (" or null" if type(None) in args else "")
+    if origin in (list, tuple):
+        return f"list of {_type_name(args[0])}" if args else "list"
+    if origin is dict:
+        return f"map of {_type_name(args[0])} to {_type_name(args[1])}" if args else "map"
+    return _TYPE_NAMES.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _bounds(metadata: list[Any]) -> str:
+    return " ".join(f"{sign} {getattr(m, attr)}" for m in metadata for cls, attr, sign in _BOUNDS
+                    if isinstance(m, cls))
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _md_section(model: BaseModel, data: dict[str, Any], path: str, out: list[str]) -> None:
+    """One table for ``model``'s scalar fields, then one section per nested model."""
+    cls = type(model)
+    comments = _comments(cls)
+    rows, nested = [], []
+    for name, info in cls.model_fields.items():
+        child = getattr(model, name)
+        dotted = f"{path}.{name}" if path else name
+        if isinstance(child, BaseModel):
+            nested.append((child, data[name], dotted, comments.get(name, "")))
+            continue
+        kind = " ".join(filter(None, (_type_name(info.annotation), _bounds(info.metadata))))
+        rows.append(f"| `{dotted}` | `{_cell(_scalar(data[name]))}` | {_cell(kind)} | {_cell(comments.get(name, ''))} |")
+    if rows:
+        out += ["| field | default | type | why |", "|---|---|---|---|", *rows, ""]
+    for child, child_data, dotted, note in nested:
+        out += [f"{'#' * min(2 + dotted.count('.'), 4)} `{dotted}`", ""]
+        doc = inspect.getdoc(type(child))
+        for text in (note, doc.split("\n\n")[0].replace("\n", " ") if doc and type(child).__doc__ else ""):
+            if text:
+                out += [text, ""]
+        _md_section(child, child_data, dotted, out)
+
+
+def render_config_reference() -> str:
+    """``docs/configuration.md``: every section and field of :class:`StreamtrainConfig`."""
+    config = StreamtrainConfig()
+    out = ["## Top level", ""]
+    _md_section(config, config.to_dict(), "", out)
+    return _MD_HEADER + "\n" + "\n".join(out).rstrip("\n") + "\n"
+
+
 if __name__ == "__main__":
-    print(render_default_config(), end="")
+    print(render_config_reference() if sys.argv[1:] == ["--markdown"] else render_default_config(), end="")

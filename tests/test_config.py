@@ -27,6 +27,27 @@ def test_shipped_default_yaml_matches_the_defaults_and_the_generator() -> None:
         "configs/default.yaml is stale: run `python -m streamtrain.config_docs > configs/default.yaml`")
 
 
+def test_configuration_reference_is_generated_from_the_models() -> None:
+    from streamtrain.config_docs import render_config_reference
+
+    reference = render_config_reference()
+    assert (REPO / "docs" / "configuration.md").read_text() == reference, (
+        "docs/configuration.md is stale: run `python -m streamtrain.config_docs --markdown > docs/configuration.md`")
+    # Every field of every section is in it, with its default: the reference cannot skip one.
+    def leaves(doc: dict, path: str = "") -> list[str]:
+        return [p for k, v in doc.items() for p in (leaves(v, f"{path}{k}.") if isinstance(v, dict) and v
+                                                    and k != "client_overrides" else [f"{path}{k}"])]
+    for dotted in leaves(StreamtrainConfig().to_dict()):
+        assert f"| `{dotted}` |" in reference, dotted
+
+
+def test_multi_line_field_comments_are_kept_whole() -> None:
+    """A comment that wraps onto the next line belongs to the field it starts on."""
+    from streamtrain.config_docs import render_config_reference
+
+    assert "it bounds pipeline latency (measured p50" in render_config_reference()
+
+
 def test_precedence_file_then_env_then_flags(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("trainer:\n  batch_size: 10\n  seed: 5\nkafka:\n  group_id: from-file\n")

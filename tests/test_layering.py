@@ -3,7 +3,8 @@
 * Leaf packages (consumers, monitors, checkpoints) never import ``streamtrain``; monitors
   and checkpoints may use the sample contract of consumers, nothing else of each other.
 * Building blocks inside ``streamtrain/`` never reach up into the wiring (trainer,
-  runtime, cli); ``runtime`` is imported only by ``cli`` (the process is started there).
+  runtime, cli); ``runtime`` is imported only by ``cli`` (the process is started there);
+  ``report`` sits below both (the runtime uses its file layout, the CLI draws with it).
 * No import cycles between modules (lazy and ``TYPE_CHECKING`` imports included: a cycle
   hidden in a function is still a cycle of the design). A package's ``__init__``
   re-exporting its own modules is not an edge of the graph.
@@ -105,6 +106,18 @@ def test_runtime_is_imported_only_by_the_cli() -> None:
             continue
         for target in _edges(module):
             assert not _inside(target, "streamtrain.runtime"), f"{module} imports {target}"
+
+
+def test_the_report_reads_files_below_the_wiring() -> None:
+    """streamtrain.report draws a run directory: it imports neither the runtime nor the CLI.
+    The CLI imports it; outside the CLI only the runtime's history writer does, and only
+    the module that owns the file layout (never the matplotlib part)."""
+    for module in _modules():
+        targets = {t for t in _edges(module) if _inside(t, "streamtrain.report")}
+        if _inside(module, "streamtrain.report"):
+            assert not any(_inside(t, "streamtrain.runtime", "streamtrain.cli") for t in _edges(module)), module
+        elif targets and not _inside(module, "streamtrain.cli"):
+            assert (module, targets) == ("streamtrain.runtime.timeseries", {"streamtrain.report.history"}), module
 
 
 def test_top_level_modules_stay_below_the_wiring() -> None:

@@ -78,3 +78,28 @@ def test_missing_binaries_say_what_to_do(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(ServiceError, match="apt-get install -y redis-server"):
         redis_server.redis_binary()
+
+
+def test_broker_stops_promptly_with_a_client_still_connected(tmp_path) -> None:
+    """Tansu's graceful stop waits for its clients; a memory-only broker has nothing to
+    flush, so stop() must not wait (it used to cost every demo the 5 s SIGTERM timeout)."""
+    import os
+    import time
+
+    from confluent_kafka import TopicPartition
+
+    broker = EmbeddedBroker(log_dir=tmp_path).start()
+    broker.create_topics(["t"], partitions=1)
+    consumer = Consumer({"bootstrap.servers": broker.bootstrap_servers, "group.id": "g", "log_level": 0})
+    try:
+        consumer.assign([TopicPartition("t", 0, 0)])
+        consumer.consume(1, timeout=1.0)  # the connection is up
+        pid = broker.pid
+        assert pid is not None
+        started = time.monotonic()
+        broker.stop()
+        assert time.monotonic() - started < 1.0
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    finally:
+        consumer.close()

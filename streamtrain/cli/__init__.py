@@ -18,6 +18,7 @@ from streamtrain.cli import (
     join_cmd,
     publish_cmd,
     replay_cmd,
+    report_cmd,
     run_cmd,
     services_cmd,
     simulate_cmd,
@@ -31,8 +32,8 @@ from streamtrain.services import ServiceError
 
 log = logging.getLogger("streamtrain")
 
-COMMANDS = (demo_cmd, run_cmd, join_cmd, replay_cmd, eval_cmd, config_cmd, services_cmd, simulate_cmd, checkpoints_cmd,
-            gate_cmd, publish_cmd)
+COMMANDS = (demo_cmd, run_cmd, report_cmd, join_cmd, replay_cmd, eval_cmd, config_cmd, services_cmd, simulate_cmd,
+            checkpoints_cmd, gate_cmd, publish_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import logging
 import shutil
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import numpy as np
 
 import streamtrain
 from streamtrain.cli.common import add_config_flags, print_json, stop_event_on_signals
+from streamtrain.cli.logs import console, live_console
 from streamtrain.config import ConfigError, StreamtrainConfig, build_config, env_overrides, flag_overrides, read_yaml
 
 log = logging.getLogger("streamtrain.demo")
@@ -46,7 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "demo", help="run everything locally: embedded broker + Redis, simulator, training daemon",
         description="Starts an embedded Kafka-compatible broker and Redis on loopback, produces simulated events "
                     "with a hidden ground truth, and trains on them with the real daemon for --duration seconds. "
-                    "Prints a live view and a final summary (model AUC vs the simulator's oracle AUC). "
+                    "Prints a live view and a final summary (model AUC vs the simulator's oracle AUC), and writes "
+                    "the run report (<run_dir>/report/index.html, as `streamtrain report` does). "
                     "The demo's run directory (default runs/demo) is wiped at start: the broker is in-memory, so "
                     "old checkpoints' offsets would not match. Its settings are configs/demo.yaml, the lowest layer: "
                     "--config, STREAMTRAIN_* env and --set override them.")
@@ -54,6 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--duration", type=float, default=60.0, help="seconds to run (default 60)")
     parser.add_argument("--no-redis", action="store_true", help="do not start Redis (no embedding cold tier)")
     parser.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
+    parser.add_argument("--no-report", action="store_true", help="do not write the HTML run report at the end")
     parser.set_defaults(func=_demo)
 
 
@@ -111,6 +113,8 @@ def _demo_config(args: argparse.Namespace, bootstrap: str, redis_url: str | None
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from streamtrain.cli.demo_oracle import OracleWindows
+    from streamtrain.report.curves import ORACLE_FILE, CurveWriter
     from streamtrain.runtime import Daemon, DaemonHooks
     from streamtrain.runtime.live import StatusView
     from streamtrain.services import EmbeddedBroker, EmbeddedRedis, ServiceError
@@ -134,18 +138,28 @@ def _demo(args: argparse.Namespace) -> int:
             tracker = _AucTracker()
             sim_stats: dict[str, Any] = {}
             sim_stop = threading.Event()
+            # The oracle on the AUC monitor's windows, for the report (<run_dir>/oracle.jsonl).
+            oracle = OracleWindows(config.monitors.auc.window, CurveWriter(config.run_dir / ORACLE_FILE, "oracle"))
+
+            def on_truth(t: dict[str, Any]) -> None:
+                tracker.add_truth(t)
+                oracle.add_truth(t)
 
             def simulate() -> None:
                 stats = run_simulation(config.simulator, KafkaSink(kafka.bootstrap_servers, kafka.topic), stop=sim_stop,
-                                       truth_sink=tracker.add_truth)
+                                       truth_sink=on_truth)
                 sim_stats.update(stats.summary())
 
-            daemon = Daemon(config, stop=stop, hooks=DaemonHooks(on_trained=tracker))
+            def on_trained(batch: dict[str, np.ndarray], result: Any) -> None:
+                tracker(batch, result)
+                oracle(batch, result)
+
+            daemon = Daemon(config, stop=stop, hooks=DaemonHooks(on_trained=on_trained))
             producer = threading.Thread(target=simulate, name="simulator", daemon=True)
             producer.start()
             timer = threading.Timer(args.duration, stop.set)
             timer.start()
-            view = StatusView(daemon.status).start()
+            view = StatusView(daemon.status, console=live_console()).start()
             try:
                 summary = daemon.run()
             finally:
@@ -169,10 +183,28 @@ def _demo(args: argparse.Namespace) -> int:
         "gate": summary.gate,
         "run_dir": str(config.run_dir),
         **{k: v for k, v in dataclasses.asdict(summary).items() if k in ("steps", "checkpoint_failures")},
+        "report": None if args.no_report else _write_report(config.run_dir),
     }
     if args.json:
         print_json(result)
     else:
-        width = max(map(len, result))
-        print("\n".join(f"{k:<{width}}  {v}" for k, v in result.items()), file=sys.stderr)
+        from streamtrain.cli.demo_summary import summary_table
+
+        console().print()
+        console().print(summary_table(result, duration_s=args.duration, checkpoints=str(config.checkpoints.root),
+                                      published=str(config.published_root)))
     return 0
+
+
+def _write_report(run_dir: Path) -> str | None:
+    """The run report, drawn once the services are down (a few seconds of matplotlib)."""
+    from streamtrain.report.page import NoHistoryError, write_report
+
+    log.info("drawing the run report (streamtrain report %s)", run_dir)
+    try:
+        page = write_report(run_dir)
+    except NoHistoryError as exc:
+        log.warning("no report: %s", exc)
+        return None
+    log.info("report written to %s", page)
+    return str(page)

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 
 from streamtrain.cli.common import add_config_flags, config_from_args, print_json, stop_event_on_signals
+from streamtrain.cli.logs import live_console
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,7 +36,7 @@ def _run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     daemon = Daemon(config, stop=stop_event_on_signals(), resume_from=args.resume_from,
                     warm_start=args.warm_start, stop_after_samples=args.stop_after_samples)
-    view = StatusView(daemon.status).start()  # rich line on a terminal, JSON status logs otherwise
+    view = StatusView(daemon.status, console=live_console()).start()  # live panel on a terminal, status logs otherwise
     try:
         summary = daemon.run()
     finally:

@@ -8,7 +8,7 @@ Loop, one turn per poll::
                           -> monitors, shadow window, hooks -> ledger
                           -> release due?  checkpoint this step, then publish naming it
                           -> else checkpoint if due
-    status snapshot -> /status, /metrics, live view
+    status snapshot -> /status, /metrics, live view, run history (timeseries/)
 
 The flow is one-way: the trainer returns what observers need and calls nobody; the
 runtime hands it to the monitors, the releases and the hooks.
@@ -57,6 +57,7 @@ from checkpoints import (
     ledger_state,
 )
 from consumers.batching import SampleBuffer
+from consumers.joiner import NO_WATERMARK
 from consumers.pipeline import IngestPipeline
 from consumers.ratelimit import RateLimitedLog
 from consumers.runtime import build_pipeline, make_producer
@@ -72,6 +73,7 @@ from streamtrain.runtime.metrics import DaemonMetrics
 from streamtrain.runtime.publisher import Publisher
 from streamtrain.runtime.releases import ReleaseManager
 from streamtrain.runtime.status import DaemonStatus, TableStatus, VersionStatus
+from streamtrain.runtime.timeseries import TimeSeries
 from streamtrain.trainer import Predictions, StepResult, Trainer, build_trainer, pick_device
 
 log = logging.getLogger("streamtrain.daemon")
@@ -165,6 +167,7 @@ class Daemon:
         self.trigger = CheckpointTrigger.from_config(config.checkpoints, clock)
         self.pipeline = self._new_pipeline()
         self.metrics = DaemonMetrics()
+        self.timeseries = TimeSeries(config.run_dir)  # the history `streamtrain report` draws
         self.control: ControlServer | None = None
         self._restore(resume_from, warm_start)
 
@@ -336,7 +339,7 @@ class Daemon:
             monitors=self.monitors.status(),
             offsets=self.pipeline.positions(),
             lag=self.pipeline.lag(),
-            watermark=self.pipeline.watermark,
+            watermark=None if self.pipeline.watermark == NO_WATERMARK else self.pipeline.watermark,
             counters=self.pipeline.counters,
             held=self.pipeline.held,
             tables=tables,
@@ -353,6 +356,7 @@ class Daemon:
         with self._status_lock:
             self._status = status
         self.metrics.update_snapshot(metric_points(status))
+        self.timeseries.turn(status, {"freshness": self.metrics.freshness, "join_latency": self.metrics.join_latency})
 
     # ------------------------------------------------------------------ the loop
     def _observe(self, batch: SampleBatch, result: StepResult) -> None:
@@ -370,6 +374,7 @@ class Daemon:
         verdicts = self.monitors.update(p_ctr, p_ctcvr, rows["click"], rows["convert"], rows["sparse"], rows["dense"])
         for verdict in verdicts:
             _log_window(verdict)
+            self.timeseries.window(verdict, samples=self.trainer.samples, ts_ms=int(rows["ts"].max()))
         self.releases.observe(rows, Predictions(p_ctr, p_ctcvr))
 
     def _train_one(self, batch: SampleBatch) -> None:
@@ -428,6 +433,7 @@ class Daemon:
         paused = False
         stopped_by = "signal"
         try:
+            self._update_status("starting")  # the restored state, before the first poll
             while not self.stop.is_set():
                 self._apply_commands()
                 gate_lets_consume = self.monitors.gate.should_consume()
@@ -509,7 +515,7 @@ def _log_window(verdict: Verdict) -> None:
     windows at DEBUG (bad ones are logged as warnings by the monitors' LogSink)."""
     level = logging.INFO if verdict.monitor == "auc" else logging.DEBUG
     if log.isEnabledFor(level):
-        metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted(verdict.metrics.items()) if isinstance(v, float))
+        metrics = " ".join(f"{k}={v:.4g}" for k, v in sorted(verdict.metrics.items()) if isinstance(v, float))
         log.log(level, "%s window %d (%d samples): %s", verdict.monitor, verdict.window, verdict.sample_count, metrics,
                 extra={"window": verdict.to_dict()})
 

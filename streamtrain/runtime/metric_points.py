@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from consumers.decode import DECODE_COUNTERS
+from consumers.reasons import Reason
 from streamtrain.runtime.metrics import Point
 from streamtrain.runtime.status import DaemonStatus
 
@@ -57,10 +58,12 @@ def _points(status: DaemonStatus, now: float) -> Iterator[Point]:
     for key, (name, help_text) in _PIPELINE_COUNTERS.items():
         labels = {"topic": status.topic} if key == "messages" else {}
         yield Point(name, "counter", help_text, counters.get(key, 0), labels)
-    for key, value in counters.items():
-        if key.startswith("dlq."):
-            yield Point("streamtrain_dlq_events", "counter", "Events sent to the dead-letter topic, by reason.",
-                        value, {"reason": key[4:]})
+    # Every reason from the start, at 0 until it happens: rate() and alerts see the first
+    # bad event as an increase instead of a series that appears already at 1.
+    reasons = {r.value for r in Reason} | {k[4:] for k in counters if k.startswith("dlq.")}
+    for reason in sorted(reasons):
+        yield Point("streamtrain_dlq_events", "counter", "Events sent to the dead-letter topic, by reason.",
+                    counters.get(f"dlq.{reason}", 0), {"reason": reason})
     yield Point("streamtrain_dlq_majority_polls", "counter",
                 "Polls of this process whose messages mostly went to the DLQ (a producer or a setting is wrong).",
                 status.dead_polls)
@@ -88,6 +91,10 @@ def _points(status: DaemonStatus, now: float) -> Iterator[Point]:
                 float(status.gate.get("state") == "open"))
     yield Point("streamtrain_gate_transitions", "counter", "Gate transitions (freezes and unfreezes).",
                 status.gate_transitions)
+    for cause, holds in sorted(freeze_causes(status.gate, status.monitors).items()):
+        yield Point("streamtrain_gate_frozen_by", "gauge",
+                    "1 while this cause holds the gate FROZEN: a monitor in alarm, operator (a manual freeze), or "
+                    "awaiting_unfreeze (alarms cleared, gate.unfreeze=manual).", float(holds), {"cause": cause})
     for name, table in status.tables.items():
         yield Point("streamtrain_embedding_rows", "gauge", "Rows in use in a dynamic embedding table.", table.rows,
                     {"table": name})
@@ -131,3 +138,17 @@ def _monitor_points(suite: dict[str, Any]) -> Iterator[Point]:
                     float(bool(monitor.get("warming_up"))), labels)
         yield Point("streamtrain_monitor_samples", "counter", "Samples a monitor has seen.", monitor.get("samples", 0),
                     labels)
+
+
+def freeze_causes(gate: dict[str, Any], suite: dict[str, Any]) -> dict[str, bool]:
+    """Every cause that can hold the gate, and whether it holds it now: each monitor (in
+    alarm and not acknowledged by an operator's unfreeze), ``operator`` (a manual freeze),
+    ``awaiting_unfreeze`` (FROZEN with neither: alarms cleared under ``unfreeze: manual``).
+    Label values come from this closed set, never from the free-text reason (the reason is
+    in ``GET /status`` and the report), so the series stay few."""
+    frozen = gate.get("state") == "frozen"
+    alarms = set(gate.get("alarms", {})) - set(gate.get("acknowledged", []))
+    causes = {name: frozen and name in alarms for name in set(suite.get("monitors", {})) | alarms}
+    causes["operator"] = frozen and bool(gate.get("manual_freeze"))
+    causes["awaiting_unfreeze"] = frozen and not any(causes.values())
+    return causes

@@ -116,17 +116,21 @@ class ManagedProcess:
             self._proc.send_signal(sig)
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        """SIGTERM, then SIGKILL after ``timeout_s``; idempotent."""
+        """SIGTERM, then SIGKILL after ``timeout_s``; ``timeout_s=0`` sends SIGKILL at once
+        (for a server with nothing to flush). Idempotent."""
         proc, self._proc = self._proc, None
         if proc is None:
             return
         atexit.unregister(self.stop)
         if proc.poll() is None:
-            proc.send_signal(signal.SIGCONT)  # a stopped process cannot act on SIGTERM
-            proc.terminate()
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            if timeout_s > 0:
+                proc.send_signal(signal.SIGCONT)  # a stopped process cannot act on SIGTERM
+                proc.terminate()
+                try:
+                    proc.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    pass
+            if proc.poll() is None:
+                proc.kill()  # SIGKILL also ends a SIGSTOPped process
                 proc.wait()
         log.info("%s stopped", self.name)
