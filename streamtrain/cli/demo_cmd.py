@@ -84,6 +84,11 @@ class _AucTracker:
         with self._lock:
             self._truth[hash_id(truth["event_id"])] = (truth["p_ctr"], truth["p_ctr"] * truth["p_cvr"])
 
+    def truth_of(self, ids: np.ndarray) -> np.ndarray:
+        """(2, n): the true pCTR and pCTCVR of exposures ``ids``, NaN where not known."""
+        with self._lock:
+            return np.array([self._truth.get(i, (np.nan, np.nan)) for i in ids.tolist()]).reshape(-1, 2).T
+
     def summary(self) -> dict[str, Any]:
         """AUCs of the model and of the oracle on the second half of the trained exposures."""
         from monitors.stats import window_auc
@@ -92,7 +97,7 @@ class _AucTracker:
             if not self._rows:
                 return {"auc_rows": 0, "auc": None, "oracle_auc": None, "ctcvr_auc": None, "oracle_ctcvr_auc": None}
             ids, p_ctr, p_ctcvr, click, convert = (np.concatenate(c) for c in zip(*self._rows))
-            truth = np.array([self._truth.get(i, (np.nan, np.nan)) for i in ids.tolist()]).reshape(-1, 2)
+        truth = self.truth_of(ids).T  # (n, 2)
         half = slice(len(ids) // 2, None)
         ctcvr = click * convert
 
@@ -139,15 +144,12 @@ def _demo(args: argparse.Namespace) -> int:
             sim_stats: dict[str, Any] = {}
             sim_stop = threading.Event()
             # The oracle on the AUC monitor's windows, for the report (<run_dir>/oracle.jsonl).
-            oracle = OracleWindows(config.monitors.auc.window, CurveWriter(config.run_dir / ORACLE_FILE, "oracle"))
-
-            def on_truth(t: dict[str, Any]) -> None:
-                tracker.add_truth(t)
-                oracle.add_truth(t)
+            oracle = OracleWindows(config.monitors.auc.window, CurveWriter(config.run_dir / ORACLE_FILE, "oracle"),
+                                   tracker.truth_of)
 
             def simulate() -> None:
                 stats = run_simulation(config.simulator, KafkaSink(kafka.bootstrap_servers, kafka.topic), stop=sim_stop,
-                                       truth_sink=on_truth)
+                                       truth_sink=tracker.add_truth)
                 sim_stats.update(stats.summary())
 
             def on_trained(batch: dict[str, np.ndarray], result: Any) -> None:

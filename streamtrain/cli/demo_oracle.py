@@ -13,39 +13,33 @@ to its ``on_trained`` hook.
 
 from __future__ import annotations
 
-import threading
-from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 
-from consumers.schema import SampleBatch, hash_id
+from consumers.schema import SampleBatch
 from monitors.stats import window_auc
 from streamtrain.report.curves import CurveWriter
 
 
 class OracleWindows:
-    """``add_truth`` is the simulator's truth sink (its thread); calling the object is the
-    daemon's ``on_trained`` hook (the training thread)."""
+    """Calling the object is the daemon's ``on_trained`` hook (the training thread);
+    ``truth_of(sample_ids) -> (2, n)`` gives the true pCTR and pCTCVR of exposures (NaN where
+    unknown), kept by whoever receives the simulator's truth."""
 
-    def __init__(self, window: int, writer: CurveWriter) -> None:
+    def __init__(self, window: int, writer: CurveWriter, truth_of: Callable[[np.ndarray], np.ndarray]) -> None:
         self.window = window
         self._writer = writer
-        self._truth: dict[int, tuple[float, float]] = {}  # sample_id -> (true pCTR, true pCTCVR), until trained
-        self._lock = threading.Lock()
+        self._truth_of = truth_of
         self._true = np.zeros((2, window))  # (head, W) true probabilities of the open window
         self._labels = np.zeros((2, window), dtype=bool)  # (head, W) click, click & convert
         self._filled = 0
         self._rows = 0
 
-    def add_truth(self, truth: dict[str, Any]) -> None:
-        with self._lock:
-            self._truth[hash_id(truth["event_id"])] = (truth["p_ctr"], truth["p_ctr"] * truth["p_cvr"])
-
     def __call__(self, batch: SampleBatch, result: object) -> None:
         fresh = ~batch["is_correction"]  # correction rows re-emit an exposure already scored
         ids = batch["sample_id"][fresh]
-        with self._lock:  # a row without truth (none seen yet) scores NaN and is left out of its window's AUC
-            true = np.array([self._truth.pop(i, (np.nan, np.nan)) for i in ids.tolist()]).reshape(-1, 2).T
+        true = self._truth_of(ids)  # (2, B); a row without truth scores NaN and is left out of its window's AUC
         click = batch["click"][fresh].astype(bool)
         labels = np.stack([click, click & batch["convert"][fresh].astype(bool)])  # (2, B)
         start = 0
