@@ -73,8 +73,8 @@ class JoinerConfig(_Frozen):
     max_buffered_events: int = Field(1_000_000, ge=1)  # reorder buffer cap; beyond it the watermark is forced on
     dedupe_window: int = Field(100_000, ge=1)  # event ids remembered per partition (producer retries land close)
     max_future_ms: int = Field(1_800_000, gt=0)  # held, not trusted, beyond this ahead of the partition's time: catches time-zone and date slips
-    confirm_events: int = Field(32, ge=1)  # consecutive consistent held events that confirm a jump (and anchor a new partition)
-    max_quarantined: int = Field(1024, ge=1)  # held events per partition; beyond it anchor at their median (counted)
+    confirm_events: int = Field(32, ge=1)  # a held event is confirmed by this many events in time order from it, rejected by as many behind it
+    max_quarantined: int = Field(1024, ge=1)  # held events per partition; beyond it the oldest is decided on its evidence (counted)
     topic_id_window: int = Field(262_144, ge=1)  # finalised event ids / exposure keys remembered across partitions
     history_len: int = Field(32, ge=1)  # L: history events per sample (HSTU sequence length)
     max_history_users: int = Field(100_000, ge=1)  # users with a history ring; ~0.6 KB each at L=32; least recent evicted

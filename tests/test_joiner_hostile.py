@@ -182,34 +182,38 @@ def test_a_slightly_early_event_is_released_when_its_partition_catches_up() -> N
     assert got.counters["events_quarantined"] == N + 1  # the first N (bootstrap) and the early one
 
 
-def test_quarantine_overflow_anchors_at_the_median_of_what_is_held() -> None:
-    """Nothing in time and no N consistent in a row: only the overflow valve decides."""
+def test_two_interleaved_clocks_fill_the_quarantine_and_the_valve_decides_by_evidence() -> None:
+    """Day-1 and day-3 events alternate: never N of them in event-time order in a row, so
+    nothing confirms. Each day-3 event is opposed by the day-1 events after it; no day-1
+    event is opposed by anything. Day-1 events pile up until the valve decides the oldest
+    held event: never opposed, so it is trusted, and day 1 becomes the partition's time."""
     q = CFG.max_quarantined
     chaos = [ev(f"z{i}", "exposure", T0 + (1 if i % 2 == 0 else 3) * DAY + i, user="p-a", request=f"z{i}")
-             for i in range(q + 1)]
+             for i in range(3 * q + 1)]
     logs = {0: [*steady("p", 8), *chaos]}
     got = run(logs, flush=False)
-    assert got.counters["forced_anchors"] == 1
+    assert got.counters["forced_anchors"] == 1 and got.counters["partition_anchors"] == 1  # the valve; the first events
     day1 = {e["event_id"] for e in chaos if e["ts"] < T0 + 2 * DAY}
     day3 = {e["event_id"] for e in chaos} - day1
-    assert len(day1) > len(day3)  # the lower median is a day-1 event
+    assert got.pipeline.joiner.partition_watermarks[0] == chaos[-1]["ts"] - CFG.allowed_lateness_ms  # a day-1 event
     outvoted = {e["event_id"] for k, e in enumerate(chaos) if e["event_id"] in day3
                 and sum(later["event_id"] in day1 for later in chaos[k + 1:]) >= N}
-    assert got.dead_ids() == dict.fromkeys(outvoted, "ts_ahead")  # by the day-1 events replayed after them
+    assert got.dead_ids() == dict.fromkeys(outvoted, "ts_ahead") and outvoted
     got.batches += got.pipeline.flush()
     assert got.dead_ids() == dict.fromkeys(day3, "ts_ahead") and day1 <= set(got.labels(logs))
 
 
-def test_flush_anchors_a_partition_that_never_was_and_rejects_what_is_still_ahead() -> None:
+def test_flush_admits_what_nothing_opposed_and_rejects_the_rest() -> None:
     few = [ev("f0", "exposure", T0, user="u"), ev("far", "exposure", Y2099, user="u", request="r2"),
            ev("f1", "exposure", T0 + 500, user="u", request="r3")]  # fewer than N: never anchored online
-    anchored = [*steady("q", 10), ev("ahead", "exposure", T0 + DAY, user="q-a", request="ahead")]
+    anchored = [*steady("q", 10), ev("ahead", "exposure", T0 + DAY, user="q-a", request="ahead"),
+                ev("after", "exposure", T0 + 20_000, user="q-b", request="after")]  # in time: opposes "ahead"
     logs = {0: few, 1: anchored}
     got = run(logs, flush=False)
     assert got.pipeline.joiner.partition_watermarks[0] is None and got.dlq == []
     got.batches += got.pipeline.flush()
-    assert got.dead_ids() == {"far": "ts_ahead", "ahead": "ts_ahead"}
-    assert {"f0", "f1"} <= set(got.labels(logs)) and got.counters["forced_anchors"] == 1
+    assert got.dead_ids() == {"far": "ts_ahead", "ahead": "ts_ahead"}  # each opposed by an event after it
+    assert {"f0", "f1", "after"} <= set(got.labels(logs)) and got.counters["forced_anchors"] == 1
 
 
 @pytest.mark.parametrize("nth_held", [1, 4, 8])
@@ -307,6 +311,36 @@ def test_a_format_1_state_is_upgraded_and_its_poison_does_not_survive(caplog: py
     sampled = concat_batches([emission.samples, final.samples])["sample_id"].tolist()
     assert sorted(sampled) == sorted(hash_id(e["event_id"]) for e in later)
     assert joiner.state_dict()["format_version"] == 2
+
+
+def test_an_admission_state_of_format_1_is_upgraded_and_loses_nothing() -> None:
+    """Format 1 (before the evidence rule) kept one vote count per held event (in-time
+    arrivals since it) and a streak per partition; upgraded, the votes become oppositions
+    and every run starts anew. Checkpointed while the 2099 event is held with votes against
+    it and the jump without, the restart gives the uninterrupted output."""
+    logs = {0: [*steady("p", 12), ev("bad", "exposure", Y2099, user="p-a", request="bad"), *steady("p2", 12, T0 + 20_000)],
+            1: [*steady("q", 12), *steady("q2", 12, start=T0 + DAY)]}
+    reference = run(logs, poll=5)
+    first = make_pipeline(logs, seed=3)
+    before: list[SampleBatch] = []
+    while True:
+        before += first.poll(2)
+        opposed = first.joiner.admission.state_dict()["opposed"]
+        if opposed.any() and not opposed.all():
+            break
+    first_dlq: Any = first.dlq
+    dead_before = list(first_dlq.rejections)
+    state = pipeline_checkpoint(first)
+    admission = state["pipeline"]["joiner"]["admission"]
+    state["pipeline"]["joiner"]["admission"] = {
+        "format_version": 1, "held": admission["held"], "votes": admission["opposed"], "dedupe": admission["dedupe"],
+        "partitions": {p: {**lane, "streak": 0} for p, lane in admission["partitions"].items()}}
+    second = make_pipeline(logs, seed=8)
+    restore_pipeline(second, through_npz(state))
+    after = run(logs, pipeline=second, poll=5)
+    assert states_equal(joined([*before, *after.batches]), reference.samples)
+    assert dead_letters(dead_before + after.dlq) == dead_letters(reference.dlq) and reference.dead_ids() == {"bad": "ts_ahead"}
+    assert second.joiner.state_dict()["admission"]["format_version"] == 2
 
 
 # ------------------------------------------------------------------ 2. event ids are unique per topic
@@ -451,12 +485,15 @@ def test_hostile_output_is_the_same_for_any_interleaving_batching_and_restart(
 @given(data=st.data(), logs=clean_logs(max_requests=14))
 def test_a_single_far_future_event_never_changes_which_valid_events_are_accepted(
         data: st.DataObject, logs: dict[int, list[dict[str, Any]]]) -> None:
+    """The far event has at least one valid event after it: what tells it from the last
+    event of a sparse log (with nothing after it, end of input admits it:
+    tests/test_joiner_sparse.py)."""
     p = data.draw(st.sampled_from(sorted(logs)))
     top = max(e["ts"] for log in logs.values() for e in log)
     far = ev("far", data.draw(st.sampled_from(["exposure", "click"])),
              data.draw(st.integers(top + CFG.max_future_ms + 1, Y2099)), user=f"p{p}u0", request=f"p{p}r0")
     hostile = {q: list(log) for q, log in logs.items()}
-    hostile[p].insert(data.draw(st.integers(0, len(logs[p]))), far)
+    hostile[p].insert(data.draw(st.integers(0, len(logs[p]) - 1)), far)
     seed = data.draw(st.integers(0, 2**16))
     clean, got = run(logs, seed=seed), run(hostile, seed=seed + 1)
     assert states_equal(without_ledger(got.samples), without_ledger(clean.samples))
