@@ -35,7 +35,7 @@ from consumers.joiner import LabelJoiner
 from consumers.pipeline import IngestPipeline
 from consumers.popularity import InProcessPopularity
 from consumers.source import KafkaSource
-from consumers.testing import ListDlqSink, StreamSpec, synthetic_events
+from consumers.testing import BatchedPipeline, ListDlqSink, StreamSpec, synthetic_events
 from streamtrain.services import EmbeddedBroker
 
 TOPIC = "bench-events"
@@ -86,14 +86,14 @@ def time_joiner(bootstrap: str, total: int, run: int) -> tuple[float, int]:
         EventDecoder(DecoderConfig(), joiner_cfg.sparse_features, joiner_cfg.dense_features),
         LabelJoiner(joiner_cfg, InProcessPopularity(PopularityConfig())),
         ListDlqSink(),
-        batch_size=256,
     )
+    batched = BatchedPipeline(pipeline, 256)  # fixed-size training batches, cut as the daemon cuts them
     samples = 0
     start = time.perf_counter()
     while pipeline.stats["messages"] < total:
         remaining = total - pipeline.stats["messages"]
-        samples += sum(len(b["sample_id"]) for b in pipeline.poll(min(POLL, remaining), 1.0))
-    samples += sum(len(b["sample_id"]) for b in pipeline.flush())
+        samples += sum(len(b["sample_id"]) for b in batched.poll(min(POLL, remaining), 1.0))
+    samples += sum(len(b["sample_id"]) for b in batched.flush())
     elapsed = time.perf_counter() - start
     pipeline.close()
     if sum(pipeline.dlq_counts.values()):
