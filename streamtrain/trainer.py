@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from consumers.schema import SampleBatch
 from streamtrain.config import StreamtrainConfig
@@ -114,27 +115,38 @@ class Trainer:
         return {k: torch.from_numpy(np.ascontiguousarray(v)).to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def step(self, batch: SampleBatch) -> StepResult:
-        """Score ``batch`` and train on it; returns the (pre-update) scores and the losses."""
+        """Score ``batch`` and train on it; returns the (pre-update) scores and the losses.
+
+        Its phases are named profiler ranges (``step.to_device``, ``step.forward``,
+        ``step.loss``, ``step.backward``, ``step.dense_optimizer``, ``step.sparse_update``,
+        ``step.to_host``): ``bench.trainer`` splits a step's time by them."""
         started = time.perf_counter()
-        tensors = self.to_tensors(batch)
+        with record_function("step.to_device"):
+            tensors = self.to_tensors(batch)
         now_ms = int(batch["ts"].max())
         for clocked in self._clocked.values():
             clocked.now_ms = now_ms
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
-            outputs = self.model(tensors)
-            total, parts = self.model.loss(tensors, outputs)
+            with record_function("step.forward"):
+                outputs = self.model(tensors)
+            with record_function("step.loss"):
+                total, parts = self.model.loss(tensors, outputs)
         scores = torch.stack([outputs["p_ctr"].detach(), outputs["p_ctcvr"].detach()]).float()  # (2, B)
-        total.backward()
-        self.optimizer.step()
-        for table in self.tables.values():
-            table.apply_gradients()
+        with record_function("step.backward"):
+            total.backward()
+        with record_function("step.dense_optimizer"):
+            self.optimizer.step()
+        with record_function("step.sparse_update"):
+            for table in self.tables.values():
+                table.apply_gradients()
         self.steps += 1
         self.samples += len(batch["sample_id"])
         # The observers' host copy, last: on CUDA it is the step's closing sync.
-        host = scores.cpu().numpy()
-        losses = {name: float(value) for name, value in parts.items()}
+        with record_function("step.to_host"):
+            host = scores.cpu().numpy()
+            losses = {name: float(value) for name, value in parts.items()}
         return StepResult(Predictions(host[0], host[1]), losses, time.perf_counter() - started)
 
     def frozen_copy(self) -> "Trainer":
