@@ -56,6 +56,11 @@ class ESMMConfig(_Section):
     correction: Literal["cancel", "none"] = "cancel"  # see modules/esmm.py: undo the fake negative exactly
     correction_weight: float = Field(1.0, ge=0.0)  # 1 makes (fake negative + correction) ≈ one positive
     prob_eps: float = Field(1e-6, gt=0.0, lt=0.5)  # clamp of pCTCVR in log(1-p): bounds the cancel term
+    # The CTR logit adds field-weighted dot products (FwFM) starting from user·item alone: user and
+    # item rows learn their affinity from the first step, as MF's do, not through the towers' random
+    # weights. CTR AUC, last 20 % of 100k demo-world exposures: 0.820 with, 0.801 without (plain FM,
+    # every pair starting at 1, did worse than user·item alone). docs/model_quality.md
+    ctr_dot_logit: bool = True
 
 
 class RetrievalConfig(_Section):
