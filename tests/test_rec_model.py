@@ -61,6 +61,24 @@ def test_loss_reaches_every_parameter(rank_loss: str) -> None:
     assert model.embeddings["item"].table.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("train_shared", [False, True])
+def test_retrieval_losses_reach_the_shared_parameters_only_when_asked(train_shared: bool) -> None:
+    """Off (the default), the retrieval losses train the retrieval towers and nothing that
+    ranking shares: the embeddings' and encoder's gradients equal those of ranking alone."""
+    batch = to_tensors(_batch(size=32))
+    grads = {}
+    for weight in (0.0, 1.0):
+        cfg = SMALL.model_copy(update={"retrieval_weight": weight,
+                                       "retrieval": RetrievalConfig(dim=DIM, train_shared=train_shared)})
+        model = _model(cfg)  # same seed, same weights
+        total, _ = model.loss(batch, model(batch))
+        total.backward()
+        grads[weight] = {name: p.grad for name, p in model.named_parameters()}
+    shared = [name for name in grads[1.0] if name.startswith(("embeddings.", "hstu.", "action.", "age."))]
+    assert any(not torch.equal(grads[0.0][name], grads[1.0][name]) for name in shared) == train_shared
+    assert grads[1.0]["retrieval.item_proj.weight"].abs().sum() > 0
+
+
 def test_dense_parameters_leave_out_the_injected_tables() -> None:
     model = _model()
     dense = {id(p) for p in model.dense_parameters()}
@@ -161,3 +179,4 @@ def test_short_training_run_learns_the_planted_signal() -> None:
     oracle = auc(world.click_prob(held_out["user"].numpy(), held_out["item"].numpy()), held_out["click"].numpy())
     assert loss_after < loss_before - 0.05
     assert auc_after > 0.68 > auc_before + 0.1, (auc_before, auc_after, oracle)
+

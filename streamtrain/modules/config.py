@@ -74,6 +74,11 @@ class RetrievalConfig(_Section):
     # positive is graded above all: clicked history items beat merely exposed ones beat random.
     rank_grades: tuple[int, ...] = (2, 2, 1, 1, 0)
     rank_weight: float = Field(0.1, ge=0.0)  # auxiliary: the InfoNCE term already separates positives
+    # Whether the retrieval losses also train what ranking shares (item/user rows, HSTU) or only the
+    # retrieval towers. Row-wise Adagrad keeps one accumulator per row for every loss, and InfoNCE's
+    # 1/temperature-sized gradients filled the shared rows', slowing ranking. 100k demo-world
+    # exposures: CTR AUC 0.820 off vs 0.784 on; prequential InfoNCE 4.97 vs 4.95 (chance ~5.6).
+    train_shared: bool = False
 
     @model_validator(mode="after")
     def _one_grade_per_slot(self) -> RetrievalConfig:

@@ -9,8 +9,9 @@ the whole history while no history position reads the target. Hence one pass giv
   the target, so retrieval cannot cheat), with the user embedding.
 
 The CTR logit adds the user·item dot product (field-weighted, learned) to its tower, so
-the embeddings learn affinity as MF's do from the first step (``esmm.ctr_dot_logit`` in
-``modules/config.py`` says what it measured on the demo world).
+the embeddings learn affinity as MF's do from the first step; the retrieval losses train
+only the retrieval towers unless ``retrieval.train_shared`` (see ``modules/config.py`` for
+what each measured on the demo world).
 
 Embedding tables are injected (``item``, ``user``, ``sparse``): any ``nn.Module`` mapping
 int64 ids ``(...)`` to ``(..., embedding_dim)`` with zeros for id 0. Everything else
@@ -122,15 +123,20 @@ class RecModel(nn.Module):
         dots = dot_interactions(fields)  # (B, F(F-1)/2)
         ctr_logit, cvr_logit = self.esmm(torch.cat([fields.reshape(b, -1), dots, context], dim=-1), dots)
         log_p_ctcvr, _ = ctcvr_log_probs(ctr_logit, cvr_logit, self.config.esmm.prob_eps)
+        # Retrieval reads the state at the last history event (it must not see the target).
+        retrieval_in = (h[:, -2], user_emb, target_emb, neg_emb)
+        if not self.config.retrieval.train_shared:  # then its losses train only the retrieval towers
+            retrieval_in = tuple(t.detach() for t in retrieval_in)
+        state, user, item, negatives = retrieval_in
         return {
             "ctr_logit": ctr_logit,
             "cvr_logit": cvr_logit,
             "p_ctr": torch.sigmoid(ctr_logit),
             "p_cvr": torch.sigmoid(cvr_logit),
             "p_ctcvr": log_p_ctcvr.exp(),
-            "user_vec": self.retrieval.user_vectors(torch.cat([h[:, -2], user_emb], dim=-1)),
-            "item_vec": self.retrieval.item_vectors(target_emb),
-            "neg_vec": self.retrieval.item_vectors(neg_emb),
+            "user_vec": self.retrieval.user_vectors(torch.cat([state, user], dim=-1)),
+            "item_vec": self.retrieval.item_vectors(item),
+            "neg_vec": self.retrieval.item_vectors(negatives),
         }
 
     def loss(
