@@ -10,8 +10,12 @@ import torch
 from pydantic import ValidationError
 
 from consumers.schema import RANK_PACKAGE_SLOTS
+from streamtrain.config import TrainerConfig
+from streamtrain.embedding import EmbeddingTableConfig
+from streamtrain.embedding.config import AdmissionConfig
 from streamtrain.modules.config import ESMMConfig, HSTUConfig, ModelConfig, RetrievalConfig
-from streamtrain.modules.rec_model import RecModel
+from streamtrain.modules.rec_model import EMBEDDING_KEYS, RecModel
+from streamtrain.trainer import Predictions, Trainer
 from model_fixtures import SyntheticWorld, auc, make_embeddings, to_tensors
 
 DIM = 16
@@ -180,3 +184,24 @@ def test_short_training_run_learns_the_planted_signal() -> None:
     assert loss_after < loss_before - 0.05
     assert auc_after > 0.68 > auc_before + 0.1, (auc_before, auc_after, oracle)
 
+
+@pytest.mark.usefixtures("one_thread")
+def test_trainer_defaults_learn_user_item_affinity_from_a_short_stream() -> None:
+    """Regression (issue #12): with the default tables, row optimiser, heads and dense rate,
+    15k prequential rows must teach the model the planted user x item affinity, beyond the
+    item CTR prior it is handed. The old defaults (no user·item logit, retrieval gradients in
+    the shared rows, row lr 0.05) reached AUC 0.56 here, below that prior (0.59); now 0.7x."""
+    world = SyntheticWorld(n_users=50, n_items=100)
+    tables = {name: EmbeddingTableConfig(name=name, dim=DIM, initial_rows=1024,
+                                         admission=AdmissionConfig(sketch_width=1024)) for name in EMBEDDING_KEYS}
+    trainer = Trainer(SMALL, tables, learning_rate=TrainerConfig().learning_rate, seed=0, device=torch.device("cpu"))
+    rng = np.random.default_rng(1)
+    steps, scored = 120, []
+
+    def keep(batch: dict[str, np.ndarray], predictions: Predictions) -> None:
+        scored.append((predictions.p_ctr, batch["click"], batch["item_ctr_prior"]))
+
+    for step in range(steps):
+        trainer.step(world.batch(rng, 128), keep if step >= steps * 3 // 4 else None)
+    p_ctr, click, prior = (np.concatenate(parts) for parts in zip(*scored))
+    assert auc(p_ctr, click) > max(0.66, auc(prior, click) + 0.06), (auc(p_ctr, click), auc(prior, click))
