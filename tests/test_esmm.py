@@ -108,5 +108,18 @@ def test_dot_interactions_are_the_upper_triangle() -> None:
 
 def test_heads_give_one_logit_per_tower() -> None:
     heads = ESMMHeads(ESMMConfig(hidden=(8, 4)), in_dim=6)
-    ctr, cvr = heads(torch.randn(3, 6))
+    ctr, cvr = heads(torch.randn(3, 6), torch.randn(3, 2))
     assert ctr.shape == cvr.shape == (3,) and not torch.equal(ctr, cvr)
+
+
+def test_dot_weights_add_the_weighted_dots_to_the_ctr_logit_only() -> None:
+    shared, dots = torch.randn(4, 6), torch.randn(4, 3)
+    torch.manual_seed(0)
+    plain = ESMMHeads(ESMMConfig(hidden=(8,)), in_dim=6)
+    torch.manual_seed(0)  # the same towers
+    fwfm = ESMMHeads(ESMMConfig(hidden=(8,)), in_dim=6, dot_weights=torch.tensor([0.0, 1.0, 0.0]))
+    (ctr, cvr), (ctr_fm, cvr_fm) = plain(shared, dots), fwfm(shared, dots)
+    torch.testing.assert_close(ctr_fm, ctr + dots[:, 1])
+    torch.testing.assert_close(cvr_fm, cvr)
+    ctr_fm.sum().backward()
+    torch.testing.assert_close(fwfm.dot_weights.grad, dots.sum(0))  # learned, from every pair

@@ -56,6 +56,11 @@ class ESMMConfig(_Section):
     correction: Literal["cancel", "none"] = "cancel"  # see modules/esmm.py: undo the fake negative exactly
     correction_weight: float = Field(1.0, ge=0.0)  # 1 makes (fake negative + correction) ≈ one positive
     prob_eps: float = Field(1e-6, gt=0.0, lt=0.5)  # clamp of pCTCVR in log(1-p): bounds the cancel term
+    # The CTR logit adds field-weighted dot products (FwFM) starting from user·item alone: user and
+    # item rows learn their affinity from the first step, as MF's do, not through the towers' random
+    # weights. CTR AUC, last 20 % of 100k demo-world exposures: 0.820 with, 0.801 without (plain FM,
+    # every pair starting at 1, did worse than user·item alone). docs/model_quality.md
+    ctr_dot_logit: bool = True
 
 
 class RetrievalConfig(_Section):
@@ -69,6 +74,11 @@ class RetrievalConfig(_Section):
     # positive is graded above all: clicked history items beat merely exposed ones beat random.
     rank_grades: tuple[int, ...] = (2, 2, 1, 1, 0)
     rank_weight: float = Field(0.1, ge=0.0)  # auxiliary: the InfoNCE term already separates positives
+    # Whether the retrieval losses also train what ranking shares (item/user rows, HSTU) or only the
+    # retrieval towers. Row-wise Adagrad keeps one accumulator per row for every loss, and InfoNCE's
+    # 1/temperature-sized gradients filled the shared rows', slowing ranking. 100k demo-world
+    # exposures: CTR AUC 0.820 off vs 0.784 on; prequential InfoNCE 4.97 vs 4.95 (chance ~5.6).
+    train_shared: bool = False
 
     @model_validator(mode="after")
     def _one_grade_per_slot(self) -> RetrievalConfig:

@@ -103,15 +103,27 @@ def dot_interactions(fields: torch.Tensor) -> torch.Tensor:
 
 
 class ESMMHeads(nn.Module):
-    """CTR and CVR towers over one shared input: (B, F) → two (B,) logits."""
+    """CTR and CVR towers over one shared input: (B, F) → two (B,) logits.
 
-    def __init__(self, cfg: ESMMConfig, in_dim: int) -> None:
+    With ``dot_weights`` (P,) the CTR logit also adds the field-weighted sum of the P
+    pairwise dot products (FwFM, Pan et al., 2018; beside the tower as in DeepFM):
+    ``Σ_p r_p · dots_p``, ``r`` learned from ``dot_weights``. A tower reaches a dot product
+    only through its random first-layer weights, so the embeddings would learn from it
+    slowly; a pair with ``r_p = 1`` is an MF logit from the first step.
+    """
+
+    def __init__(self, cfg: ESMMConfig, in_dim: int, dot_weights: torch.Tensor | None = None) -> None:
         super().__init__()
         self.ctr = mlp(in_dim, cfg.hidden, 1, cfg.dropout)
         self.cvr = mlp(in_dim, cfg.hidden, 1, cfg.dropout)
+        self.dot_weights = None if dot_weights is None else nn.Parameter(dot_weights.detach().clone())  # (P,)
 
-    def forward(self, shared: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.ctr(shared).squeeze(-1), self.cvr(shared).squeeze(-1)
+    def forward(self, shared: torch.Tensor, dots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """shared: (B, F); dots: (B, P), the pairs ``dot_weights`` refers to."""
+        ctr = self.ctr(shared).squeeze(-1)
+        if self.dot_weights is not None:
+            ctr = ctr + dots @ self.dot_weights
+        return ctr, self.cvr(shared).squeeze(-1)
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:

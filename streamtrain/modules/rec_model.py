@@ -8,6 +8,11 @@ the whole history while no history position reads the target. Hence one pass giv
 * the **retrieval** user vector: HSTU output at the last history event (it has not seen
   the target, so retrieval cannot cheat), with the user embedding.
 
+The CTR logit adds the user·item dot product (field-weighted, learned) to its tower, so
+the embeddings learn affinity as MF's do from the first step; the retrieval losses train
+only the retrieval towers unless ``retrieval.train_shared`` (see ``modules/config.py`` for
+what each measured on the demo world).
+
 Embedding tables are injected (``item``, ``user``, ``sparse``): any ``nn.Module`` mapping
 int64 ids ``(...)`` to ``(..., embedding_dim)`` with zeros for id 0. Everything else
 (action, time, position and rab parameters, towers) is a dense parameter of this module;
@@ -28,6 +33,7 @@ from streamtrain.modules.hstu import HSTUEncoder
 from streamtrain.modules.retrieval import RetrievalHead, info_nce_loss, rank_package_loss
 
 EMBEDDING_KEYS = ("item", "user", "sparse")
+_ITEM_FIELD, _USER_FIELD = 1, 2  # positions in the ESMM fields: (target-aware state, item, user, sparse...)
 TARGET_ACTION = len(Action)  # the target's action is what we predict: it gets its own code
 _NOW_GAP_BUCKET = 0  # the target is 0 ms old; row 0 is shared with padding, which is masked
 
@@ -48,12 +54,20 @@ class RecModel(nn.Module):
         )
         n_fields = 3 + config.num_sparse_features  # target-aware state, item, user, sparse features
         shared_dim = n_fields * d + n_fields * (n_fields - 1) // 2 + self.context.out_dim
-        self.esmm = ESMMHeads(config.esmm, shared_dim)
+        dot_weights = self._dot_weights(n_fields) if config.esmm.ctr_dot_logit else None
+        self.esmm = ESMMHeads(config.esmm, shared_dim, dot_weights)
         self.retrieval = RetrievalHead(config.retrieval, user_in=2 * d, item_in=d)
         grades = config.retrieval.rank_grades
         self.register_buffer(  # positive first, graded above every rank-package slot
             "rank_grades", torch.tensor([max(grades) + 1, *grades]), persistent=False
         )
+
+    @staticmethod
+    def _dot_weights(n_fields: int) -> torch.Tensor:
+        """Initial FwFM weights: 1 for the user·item pair, 0 for the others, in the pair order
+        of ``dot_interactions`` (the upper triangle, row-major). (F(F-1)/2,)"""
+        rows, cols = torch.triu_indices(n_fields, n_fields, offset=1)
+        return ((rows == _ITEM_FIELD) & (cols == _USER_FIELD)).float()
 
     def dense_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of the model itself, without the injected embedding tables."""
@@ -106,18 +120,23 @@ class RecModel(nn.Module):
             batch["hour"], batch["weekday"], batch["gap_bucket"], batch["dense"],
             batch["user_ctr_prior"], batch["item_ctr_prior"],
         )
-        shared = torch.cat([fields.reshape(b, -1), dot_interactions(fields), context], dim=-1)
-        ctr_logit, cvr_logit = self.esmm(shared)
+        dots = dot_interactions(fields)  # (B, F(F-1)/2)
+        ctr_logit, cvr_logit = self.esmm(torch.cat([fields.reshape(b, -1), dots, context], dim=-1), dots)
         log_p_ctcvr, _ = ctcvr_log_probs(ctr_logit, cvr_logit, self.config.esmm.prob_eps)
+        # Retrieval reads the state at the last history event (it must not see the target).
+        retrieval_in = (h[:, -2], user_emb, target_emb, neg_emb)
+        if not self.config.retrieval.train_shared:  # then its losses train only the retrieval towers
+            retrieval_in = tuple(t.detach() for t in retrieval_in)
+        state, user, item, negatives = retrieval_in
         return {
             "ctr_logit": ctr_logit,
             "cvr_logit": cvr_logit,
             "p_ctr": torch.sigmoid(ctr_logit),
             "p_cvr": torch.sigmoid(cvr_logit),
             "p_ctcvr": log_p_ctcvr.exp(),
-            "user_vec": self.retrieval.user_vectors(torch.cat([h[:, -2], user_emb], dim=-1)),
-            "item_vec": self.retrieval.item_vectors(target_emb),
-            "neg_vec": self.retrieval.item_vectors(neg_emb),
+            "user_vec": self.retrieval.user_vectors(torch.cat([state, user], dim=-1)),
+            "item_vec": self.retrieval.item_vectors(item),
+            "neg_vec": self.retrieval.item_vectors(negatives),
         }
 
     def loss(
