@@ -198,10 +198,24 @@ def test_trainer_defaults_learn_user_item_affinity_from_a_short_stream() -> None
     rng = np.random.default_rng(1)
     steps, scored = 120, []
 
-    def keep(batch: dict[str, np.ndarray], predictions: Predictions) -> None:
-        scored.append((predictions.p_ctr, batch["click"], batch["item_ctr_prior"]))
-
     for step in range(steps):
-        trainer.step(world.batch(rng, 128), keep if step >= steps * 3 // 4 else None)
+        batch = world.batch(rng, 128)
+        result = trainer.step(batch)
+        if step >= steps * 3 // 4:
+            scored.append((result.predictions.p_ctr, batch["click"], batch["item_ctr_prior"]))
     p_ctr, click, prior = (np.concatenate(parts) for parts in zip(*scored))
     assert auc(p_ctr, click) > max(0.66, auc(prior, click) + 0.06), (auc(p_ctr, click), auc(prior, click))
+
+
+def test_the_meanpool_encoder_is_a_causal_mean_that_ignores_padding() -> None:
+    from streamtrain.modules.meanpool import MeanPoolEncoder
+
+    enc = MeanPoolEncoder(4, "layernorm")
+    x = torch.randn(2, 5, 4)
+    out = enc(x, torch.zeros(2, 5, dtype=torch.int64), torch.tensor([3, 5]))
+    assert torch.equal(out[0, :2], torch.zeros(2, 4))  # padding stays zero
+    expected = enc.norm_out(x[0, 2:4].mean(0))  # position 3 of row 0 sees its real positions 2 and 3
+    assert torch.allclose(out[0, 3], expected, atol=1e-6)
+    padded = torch.cat([torch.randn(2, 1, 4), x], dim=1)  # more padding in front changes nothing
+    again = enc(padded, torch.zeros(2, 6, dtype=torch.int64), torch.tensor([3, 5]))
+    assert torch.allclose(again[:, 1:], out, atol=1e-6)

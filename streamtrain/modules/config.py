@@ -97,6 +97,8 @@ class ModelConfig(_Section):
     num_gap_buckets: int = Field(64, ge=1)  # log-bucketed gaps; larger bucket ids share the last row
     prior_eps: float = Field(1e-4, gt=0.0, lt=0.5)  # CTR priors enter as logits; clamp keeps them finite
     retrieval_weight: float = Field(0.1, ge=0.0)  # retrieval is auxiliary to ranking in the total loss
+    # hstu: the HSTU encoder; meanpool: a causal mean of the history (the ablation bench.quality compares)
+    sequence_encoder: Literal["hstu", "meanpool"] = "hstu"
     hstu: HSTUConfig = HSTUConfig()
     esmm: ESMMConfig = ESMMConfig()
     retrieval: RetrievalConfig = RetrievalConfig()

@@ -30,6 +30,7 @@ from consumers.schema import RANK_PACKAGE_SLOTS, Action
 from streamtrain.modules.config import ModelConfig
 from streamtrain.modules.esmm import ContextFeatures, ESMMHeads, ctcvr_log_probs, dot_interactions, esmm_loss
 from streamtrain.modules.hstu import HSTUEncoder
+from streamtrain.modules.meanpool import MeanPoolEncoder
 from streamtrain.modules.retrieval import RetrievalHead, info_nce_loss, rank_package_loss
 
 EMBEDDING_KEYS = ("item", "user", "sparse")
@@ -48,7 +49,8 @@ class RecModel(nn.Module):
         self.embeddings = nn.ModuleDict(dict(embeddings))
         self.action = nn.Embedding(TARGET_ACTION + 1, d)
         self.age = nn.Embedding(config.num_gap_buckets, d)  # how long before the exposure each event was
-        self.hstu = HSTUEncoder(config.hstu, d, max_len=config.max_history_len + 1)
+        self.hstu = (HSTUEncoder(config.hstu, d, max_len=config.max_history_len + 1) if config.sequence_encoder == "hstu"
+                     else MeanPoolEncoder(d, config.hstu.norm))
         self.context = ContextFeatures(
             config.num_dense_features, config.num_gap_buckets, config.esmm.time_dim, config.prior_eps
         )
