@@ -20,6 +20,7 @@ from streamtrain.cli import (
     run_cmd,
     services_cmd,
     simulate_cmd,
+    stats_cmd,
 )
 from streamtrain.cli.exit_codes import InputError
 from streamtrain.config import ConfigError
@@ -31,7 +32,7 @@ from streamtrain.services import ServiceError
 log = logging.getLogger("streamtrain")
 
 COMMANDS = (demo_cmd, run_cmd, join_cmd, replay_cmd, config_cmd, services_cmd, simulate_cmd, checkpoints_cmd, gate_cmd,
-            publish_cmd)
+            publish_cmd, stats_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
