@@ -237,13 +237,15 @@ class PartialCounts:
     def merged(self, clock: int) -> Merged:
         """Every id's counts at ``clock`` (module docstring), its partials summed."""
         cfg = self.config
-        used = np.flatnonzero(self.ids)
-        used = used[self.ref[used] >= clock - cfg.forget_after_ms]
-        n = cfg.window_buckets
-        shift = clock // cfg.bucket_ms - self.bucket[used]  # >= 0: no row is newer than the clock
-        inside = np.arange(n)[None, :] < (n - shift)[:, None]  # (R, n) buckets still in the window at T
-        window = (self.window[used] * inside[..., None]).sum(axis=1, dtype=np.int64)  # (R, 3)
-        decayed = self.decayed[used] * np.exp2(-(clock - self.ref[used]) / cfg.half_life_ms)[:, None]
+        # Rows are handed out lowest first: work on views of the used prefix, not on gathered copies.
+        top = int(np.flatnonzero(self.ids)[-1]) + 1 if self._size else 0
+        live = (self.ids[:top] != 0) & (self.ref[:top] >= clock - cfg.forget_after_ms)  # (R,)
+        # Bucket j of a row holds its bucket - j; at T it is in the window while j < n - shift.
+        kept = np.where(live, cfg.window_buckets - (clock // cfg.bucket_ms - self.bucket[:top]), 0)  # (R,)
+        inside = (np.arange(cfg.window_buckets)[None, :] < kept[:, None]).astype(np.int32)  # (R, n)
+        window = np.einsum("rnk,rn->rk", self.window[:top], inside)[live].astype(np.int64)  # (R', 3), one pass
+        decayed = (self.decayed[:top] * np.exp2(-(clock - self.ref[:top]) / cfg.half_life_ms)[:, None])[live]
+        used = np.flatnonzero(live)
         ids, inverse = np.unique(self.ids[used], return_inverse=True)
         sums = [np.bincount(inverse, weights=col, minlength=len(ids)) for col in (*window.T, *decayed.T)]
         return Merged(clock, ids, np.stack(sums[:3], axis=1).round().astype(np.int64), np.stack(sums[3:], axis=1))

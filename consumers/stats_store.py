@@ -125,11 +125,19 @@ def _rates(window: np.ndarray, decayed: np.ndarray, ctr: float, cvr: float, prio
 
 
 def _ranked(values: np.ndarray) -> np.ndarray:
+    """Fill rank and quantile from one sort: in ascending order, an id's tie run starts at
+    the count of ids strictly below it and ends at the count at or below it."""
     popularity = values[:, COLUMN["exposures_decayed"]]
-    ordered = np.sort(popularity)
-    n = len(ordered)
-    values[:, COLUMN["rank"]] = 1 + n - np.searchsorted(ordered, popularity, side="right")
-    values[:, COLUMN["quantile"]] = np.searchsorted(ordered, popularity, side="left") / max(n, 1)
+    n = len(popularity)
+    order = np.argsort(popularity, kind="stable")
+    ordered = popularity[order]
+    index = np.arange(n)
+    starts = np.r_[True, ordered[1:] != ordered[:-1]] if n else np.zeros(0, bool)
+    below = np.maximum.accumulate(np.where(starts, index, 0))  # first index of each run
+    ends = np.r_[ordered[1:] != ordered[:-1], True] if n else np.zeros(0, bool)
+    at_or_below = np.minimum.accumulate(np.where(ends, index, n - 1)[::-1])[::-1] + 1
+    values[order, COLUMN["rank"]] = 1 + n - at_or_below
+    values[order, COLUMN["quantile"]] = below / max(n, 1)
     return values.astype(np.float32)
 
 
@@ -145,10 +153,11 @@ def build_snapshot(items: Merged, users: Merged, priors: Priors, info: Mapping[s
 
 # ---------------------------------------------------------------------------- Redis
 def write_snapshot(client: Any, keys: StatsKeys, snapshot: StatsSnapshot, ttl_s: int, grace_s: int,
-                   chunk: int = 10_000) -> int:
+                   chunk: int = 20_000) -> int:
     """Write ``snapshot`` under a new number, then move ``current`` to it and cut the
-    previous snapshot's keys to ``grace_s``; returns the number. Pipelined, ``chunk``
-    fields per command. Redis errors propagate (the caller counts and retries)."""
+    previous snapshot's keys to ``grace_s``; returns the number. Pipelined; the per-id
+    hashes are filled ``chunk`` ids per script call (each blocks Redis ~10-20 ms). Redis
+    errors propagate (the caller counts and retries)."""
     n = int(client.incr(keys.seq))
     parts: dict[str, int] = {}
     for kind, table in (("item", snapshot.items), ("user", snapshot.users)):
@@ -168,20 +177,35 @@ def write_snapshot(client: Any, keys: StatsKeys, snapshot: StatsSnapshot, ttl_s:
     return n
 
 
+# Expands one chunk of a table into its per-id hash inside Redis: the ids as decimal text
+# separated by ",", the records as one blob. One call per chunk instead of two encoded
+# arguments per id on the client (1M items: 3.6 s instead of 9.7 s, docs/benchmarks.md).
+_HSET_RECORDS = """
+local key, names, records, size = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
+local args, i = {}, 0
+for name in string.gmatch(names, "[^,]+") do
+  args[#args + 1] = name
+  args[#args + 1] = string.sub(records, i * size + 1, (i + 1) * size)
+  i = i + 1
+  if #args >= 2000 then redis.call("HSET", key, unpack(args)); args = {} end
+end
+if #args > 0 then redis.call("HSET", key, unpack(args)) end
+redis.call("EXPIRE", key, ARGV[4])
+return i
+"""
+
+
 def _write_table(client: Any, keys: StatsKeys, n: int, kind: str, table: StatsTable, ttl_s: int, chunk: int) -> int:
-    names = table.ids.astype(str).tolist()
     records = np.ascontiguousarray(table.values, "<f4")
     size = records.itemsize * records.shape[1]
-    blob = records.tobytes()
-    lookup = keys.lookup(n, kind)
-    for start in range(0, len(names), chunk):
-        pipe = client.pipeline(transaction=False)
-        stop = min(start + chunk, len(names))
-        pipe.hset(lookup, mapping={names[i]: blob[i * size:(i + 1) * size] for i in range(start, stop)})
-        pipe.expire(lookup, ttl_s)
-        pipe.execute()
-    count = max(1, -(-len(names) // BLOB_ROWS))  # at least one (empty) part: readers need not special-case
+    names = table.ids.astype(str)
+    expand = client.register_script(_HSET_RECORDS)
     pipe = client.pipeline(transaction=False)
+    for start in range(0, len(names), chunk):
+        rows = slice(start, start + chunk)
+        expand(keys=[keys.lookup(n, kind)], args=[",".join(names[rows].tolist()), records[rows].tobytes(), size, ttl_s],
+               client=pipe)
+    count = max(1, -(-len(names) // BLOB_ROWS))  # at least one (empty) part: readers need not special-case
     for part in range(count):
         rows = slice(part * BLOB_ROWS, (part + 1) * BLOB_ROWS)
         pipe.set(keys.ids(n, kind, part), np.ascontiguousarray(table.ids[rows], "<i8").tobytes(), ex=ttl_s)
