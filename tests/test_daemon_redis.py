@@ -19,11 +19,13 @@ import shutil
 import signal
 import subprocess
 import time
-from pathlib import Path
+import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 import redis
 from confluent_kafka import Consumer, Producer, TopicPartition
@@ -236,6 +238,28 @@ def _checkpoint_on(run_dir: Path, redis_mode: bool, after: int = 0) -> Callable[
     return found
 
 
+def _assert_metrics_show_the_fallback(run_dir: Path) -> None:
+    """The live /metrics endpoint, found as an operator finds it: the failed fetches and the
+    local source are visible, and the exposition passes promtool."""
+    url = orjson.loads((run_dir / "endpoints.json").read_bytes())["metrics"]
+    deadline = time.monotonic() + 30
+    while True:
+        body = urllib.request.urlopen(url, timeout=5).read().decode()
+        values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
+                  if line.startswith("streamtrain_popularity") or line.startswith("streamtrain_serving")}
+        if values.get('streamtrain_popularity_fetches_total{result="error"}', 0) >= 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert values['streamtrain_popularity_fetches_total{result="error"}'] >= 1, values
+    assert values['streamtrain_popularity_fetches_total{result="ok"}'] >= 1, values
+    assert values["streamtrain_popularity_source_redis"] == 0, values
+    assert values['streamtrain_popularity_refreshes_total{source="redis"}'] >= 1, values
+    assert "streamtrain_serving_failures_total" in values, values
+    if shutil.which("promtool"):
+        lint = subprocess.run(["promtool", "check", "metrics"], input=body.encode(), capture_output=True)
+        assert lint.returncode == 0, lint.stdout.decode() + lint.stderr.decode()
+
+
 def _new_checkpoint(run_dir: Path) -> Callable[[], bool]:
     known = set((run_dir / "checkpoints").glob("ckpt-*"))
     return lambda: bool(set((run_dir / "checkpoints").glob("ckpt-*")) - known)
@@ -261,6 +285,7 @@ def test_redis_killed_mid_run_degrades_to_local_counts_recovers_and_replays_exac
         server.stop()  # Redis dies: the next sync fails, the next boundary answers from local counts
         fell_back = _checkpoint_on(run_dir, redis_mode=False, after=on_redis() or 0)
         feeder.until(lambda: fell_back() is not None, 0.75, proc, log)
+        _assert_metrics_show_the_fallback(run_dir)
         proc.send_signal(signal.SIGKILL)  # ... and the daemon dies during the outage
         proc.wait()
         proc = start_daemon(config, log_path=log)

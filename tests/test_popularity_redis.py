@@ -203,3 +203,26 @@ def test_joiner_hot_cold_splits_and_priors_follow_redis_popularity(redis_url: st
     ctr = dict(zip(snap.items.ids.tolist(), snap.items.column("ctr").tolist()))
     assert with_redis["item_ctr_prior"][late].tolist() == [np.float32(ctr.get(i, snap.global_ctr))
                                                            for i in with_redis["item"][late].tolist()]
+
+
+def test_a_worker_running_ahead_never_keeps_every_snapshot_waiting(redis_url: str, unique_name: str) -> None:
+    """Fetches keep bringing snapshots newer than what the joiner has finalised: the newest
+    one it has passed still applies at the next boundary, the newer one keeps waiting."""
+    client, prefix = redis.Redis.from_url(redis_url), f"{unique_name}:"
+    events = encode_partitioned(synthetic_events(StreamSpec(exposures=600, click_rate=0.3)), 2)
+    older = snapshot_of(events, until_ts=synthetic_events(StreamSpec(exposures=300))[-1]["ts"])
+    newer = snapshot_of(events)
+    assert older.clock < newer.clock
+    pop = RedisPopularity(_config(redis_url, prefix), client)
+    write_snapshot(client, StatsKeys(prefix), older, ttl_s=600, grace_s=30)
+    pop.sync()
+    write_snapshot(client, StatsKeys(prefix), newer, ttl_s=600, grace_s=30)
+    pop.sync()  # before the joiner reached the older one's clock
+    assert [p["clock"] for p in pop.state_dict()["pending"].values()] == [older.clock, newer.clock]
+    pop.observe(older.users.ids[:1], older.items.ids[:1], np.array([E]), np.array([older.clock]))
+    pop.refresh()
+    assert pop.source == "redis" and pop.state_dict()["active"]["clock"] == older.clock
+    assert [p["clock"] for p in pop.state_dict()["pending"].values()] == [newer.clock]
+    pop.observe(older.users.ids[:1], older.items.ids[:1], np.array([E]), np.array([newer.clock]))
+    pop.refresh()
+    assert pop.state_dict()["active"]["clock"] == newer.clock and not pop.state_dict()["pending"]
