@@ -24,8 +24,10 @@ reads a changelog up to the broker's high watermark, which the embedded broker (
 reports below the real end (measured: 9,685 of 10,000 records recovered after a clean
 stop) — and the group's committed offsets are past what was recovered. So after a
 recovery the worker resumes every partition at its recovered progress (the lower of the
-two tables'), seeking back when the consumer starts later; rows remember the last offset
-applied to them, so what is read twice is counted once (exactly-once effect).
+two tables'), seeking back when the consumer starts later — after every step until the
+re-read begins, since Faust still hands out what it fetched before a seek and each such
+message moves its read offset past the seek. Rows remember the last offset applied to
+them, so what is read twice is counted once (exactly-once effect).
 
 Faust quirks handled here: the web server is off unless ``web_port`` is set, and binds
 127.0.0.1 either way (DESIGN §6.5); a group's first join waits half the session timeout
@@ -117,6 +119,7 @@ class StatsWorker:
         self.counts = {"item": PartialCounts(cfg), "user": PartialCounts(cfg)}
         self.cursor: dict[int, int] = {}  # partition -> next offset to apply
         self._rewinding: dict[int, int] = {}  # partition -> first offset dropped after asking for a seek back
+        self._seek_back: set[int] = set()  # partitions to seek back to their cursor at the end of this step
         self._recovered: set[str] = set()  # tables whose rows are loaded since the last assignment
         self._expired_bucket: dict[int, int] = {}  # partition -> bucket of its clock at the last expiry pass
         self.counters: Counter[str] = Counter()
@@ -213,6 +216,7 @@ class StatsWorker:
         in_order = [e.message for e in events if await self._in_order(e.message)]
         accepted = [m for m in in_order if not is_end_of_input(m.value, _headers(m))]  # markers are no events
         self.counters["messages"] += len(events)
+        await self._seek_back_where_asked()
         if not in_order:
             return
         decoded = self.decoder.decode([m.value for m in accepted], [m.partition for m in accepted],
@@ -231,10 +235,21 @@ class StatsWorker:
                 await self._send_rows(kind, partition, *counts.progress_record(partition))
             await self._maybe_expire(partition)
 
+    async def _seek_back_where_asked(self) -> None:
+        """Seek rewinding partitions back to their cursor, at the end of every step until
+        the re-read begins. Once is not enough: messages Faust fetched before a seek are
+        still delivered after it, and each moves Faust's read offset past the seek, so
+        Faust then drops the re-read as already seen."""
+        for partition in sorted(self._seek_back):
+            if partition in self._rewinding:
+                self.counters["seeks"] += 1
+                await self.app.consumer.seek(TP(self.settings.topic, partition), self.cursor[partition])
+        self._seek_back.clear()
+
     async def _in_order(self, message: Any) -> bool:
         """Exactly-once cursor: take the message at the partition's next offset; skip what
         is behind it; when the consumer is ahead (it resumed at committed offsets past the
-        recovered progress), seek back once and drop until the re-read begins. The re-read
+        recovered progress), seek back and drop until the re-read begins. The re-read
         restarts at or below the first dropped offset, so the first such message is the
         continuation (offsets may skip, e.g. over transaction markers)."""
         partition, offset = message.partition, message.offset
@@ -244,12 +259,13 @@ class StatsWorker:
         first_dropped = self._rewinding.get(partition)
         if first_dropped is not None:
             if offset > first_dropped:
-                return False  # fetched before the seek
+                self._seek_back.add(partition)  # fetched before the seek (which it may have undone)
+                return False
             del self._rewinding[partition]
         elif offset > cursor:
             self._rewinding[partition] = offset
+            self._seek_back.add(partition)
             self.counters["rewinds"] += 1
-            await self.app.consumer.seek(TP(self.settings.topic, partition), cursor)
             return False
         if offset < cursor:
             self.counters["already_read"] += 1
@@ -294,7 +310,7 @@ class StatsWorker:
         started = time.perf_counter()
         cfg = self.settings.stats
         info = {"positions": {str(p): o for p, o in sorted(self.cursor.items())}, "skipped": dict(self.skipped),
-                "messages": self.counters["messages"], "applied": self.counters["applied"],
+                **{k: self.counters[k] for k in ("messages", "applied", "already_read", "rewinds", "seeks")},
                 "bucket_ms": cfg.bucket_ms, "window_buckets": cfg.window_buckets, "half_life_ms": cfg.half_life_ms,
                 "forget_after_ms": cfg.forget_after_ms}
         snap = build_snapshot(self.counts["item"].merged(clock), self.counts["user"].merged(clock),
