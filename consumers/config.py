@@ -111,9 +111,10 @@ class JoinerConfig(_Frozen):
 
 
 class PopularityConfig(_Frozen):
-    backend: Literal["in_process", "redis"] = "in_process"  # redis: read what the stats app writes
-    redis_url: str | None = None  # required for backend=redis
-    key_prefix: str = "streamtrain:"  # namespace shared with the stats app
+    backend: Literal["in_process", "redis"] = "in_process"  # redis: the stats worker's snapshots, local counts as fallback
+    redis_url: str | None = None  # required for backend=redis (the daemon derives it from redis.url)
+    key_prefix: str = "streamtrain:"  # namespace shared with the stats worker (the daemon derives it from redis.key_prefix)
+    refresh_s: float = Field(60.0, gt=0)  # backend=redis: a checkpoint (and with it a snapshot fetch) at least this often
     hot_quantile: float = Field(0.8, gt=0, lt=1)  # items above this popularity quantile are "hot"
     max_items: int = Field(1_000_000, ge=1)  # in-process counters; least recently seen items evicted
     max_users: int = Field(1_000_000, ge=1)  # in-process user CTR counters; least recently seen evicted
@@ -123,7 +124,36 @@ class PopularityConfig(_Frozen):
     @model_validator(mode="after")
     def _redis_needs_url(self) -> "PopularityConfig":
         if self.backend == "redis" and not self.redis_url:
-            raise ValueError("backend 'redis' needs redis_url")
+            raise ValueError("backend 'redis' needs redis_url (set redis.url)")
+        return self
+
+
+class StatsConfig(_Frozen):
+    """The stream statistics worker (`streamtrain stats`, ``consumers/stats_app.py``).
+
+    Windows and decay run on event time. Popularity is the decayed exposure count; CTR and
+    CVR priors use the decayed counts with a Beta prior (its CTR strength and default are
+    ``popularity.ctr_prior_strength`` / ``default_ctr``, so the joiner's fallback counts and
+    the worker smooth alike)."""
+
+    app_id: str = "streamtrain-stats"  # Faust app id: consumer group and changelog topic prefix
+    bucket_ms: int = Field(300_000, gt=0)  # 5 min buckets: the granularity of the sliding window
+    window_buckets: int = Field(12, ge=1, le=1024)  # 12 x 5 min: windowed counts cover the last hour of event time
+    half_life_ms: int = Field(3_600_000, gt=0)  # decayed counts halve per hour of event time
+    forget_after_ms: int = Field(86_400_000, gt=0)  # ids unseen for a day of event time leave the tables (weight < 2^-24)
+    cvr_prior_strength: float = Field(20.0, gt=0)  # pseudo-clicks pulling a CVR towards the global mean
+    default_cvr: float = Field(0.1, gt=0, lt=1)  # global CVR before any conversion is counted
+    snapshot_every_s: float = Field(10.0, gt=0)  # T: wall seconds between Redis snapshots
+    ttl_s: int = Field(3600, ge=1)  # snapshot keys outlive a dead worker this long, then readers fall back to local counts
+    take_max: int = Field(2000, ge=1)  # events handled per step (one changelog write per touched key)
+    take_within_s: float = Field(0.2, gt=0)  # a step waits at most this long for take_max events
+    changelog_replication: int = Field(1, ge=1)  # changelog topics' replication factor (3 on a production cluster)
+    web_port: int | None = None  # None: Faust's web server off; else it binds 127.0.0.1:port (DESIGN §6.5)
+
+    @model_validator(mode="after")
+    def _window_fits(self) -> "StatsConfig":
+        if self.forget_after_ms < self.bucket_ms * self.window_buckets:
+            raise ValueError("forget_after_ms must cover the window (bucket_ms * window_buckets)")
         return self
 
 

@@ -17,8 +17,9 @@ fixed-size training batches are cut from that sequence by
 joiner state; :meth:`IngestPipeline.positions` says where each partition continues.
 A checkpoint stores the two together (the positions once, in its manifest); restoring
 the state and then seeking to those positions reproduces the identical sample sequence.
-Exceptions, all counted: the overload valves of the joiner, changes of the partition
-assignment, and Redis-backed popularity (external state).
+Exceptions, all counted: the overload valves of the joiner and changes of the partition
+assignment. Redis-backed popularity is external state, but it enters only at ``sync()``
+and is held in the joiner state (``consumers/popularity.py``), so it replays too.
 """
 
 from __future__ import annotations
@@ -177,8 +178,10 @@ class IngestPipeline:
 
     @property
     def counters(self) -> dict[str, int]:
-        """Every counter, flat: ``dlq.<reason>``, pipeline stats and joiner counters."""
-        return {**{f"dlq.{k}": v for k, v in self.dlq_counts.items()}, **self.stats, **self.joiner.counters}
+        """Every counter, flat: ``dlq.<reason>``, pipeline stats, joiner counters and the
+        popularity source's (``popularity.<name>``, counters of this process)."""
+        popularity = {f"popularity.{k}": v for k, v in self.joiner.popularity.counters.items()}
+        return {**{f"dlq.{k}": v for k, v in self.dlq_counts.items()}, **self.stats, **self.joiner.counters, **popularity}
 
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

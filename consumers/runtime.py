@@ -84,10 +84,14 @@ def run_join(config: IngestConfig, stop_event: threading.Event, to_topic: str | 
                            stall_log_interval_s=config.source.stall_log_interval_s)
     summary = JoinSummary()
     last_commit = time.monotonic()
+    popularity = pipeline.joiner.popularity
+    popularity.sync()  # no checkpoints here: external statistics enter at start and at commits
 
     def commit() -> None:
         if sink.flush(30.0) == 0 and source.commit(safe_offsets(pipeline)):
             summary.commits += 1
+        if popularity.sync_due():
+            popularity.sync()
 
     try:
         while not stop_event.is_set():

@@ -32,6 +32,7 @@ from consumers.config import (
     JoinerConfig,
     KafkaSourceConfig,
     PopularityConfig,
+    StatsConfig,
     check_feature_names,
 )
 from monitors.config import MonitorsConfig
@@ -106,6 +107,15 @@ class PublishingConfig(Section):
     rollback_margin_samples: int = Field(40_000, ge=0)  # action=rollback: last version released this long before the freeze
 
 
+class ServingConfig(Section):
+    """Published embeddings in Redis for online lookup (``runtime/serving.py``; the key
+    layout is in docs/architecture.md). Active when ``redis.url`` is set."""
+
+    push: bool = True  # write each published version's embeddings to Redis (off: files only)
+    keep_versions: int = Field(3, ge=1)  # versions kept in Redis, so a rollback within them is a pointer move
+    expire_grace_s: int = Field(60, ge=1)  # an older version's keys live this long after it drops out (readers mid-lookup)
+
+
 class MetricsConfig(Section):
     enabled: bool = True
     host: str = "127.0.0.1"  # loopback unless configured (DESIGN §6.5)
@@ -141,6 +151,8 @@ class StreamtrainConfig(Section):
     checkpoints: CheckpointConfig = CheckpointConfig()  # root defaults to <run_dir>/checkpoints
     monitors: MonitorsConfig = MonitorsConfig()
     publishing: PublishingConfig = PublishingConfig()
+    serving: ServingConfig = ServingConfig()
+    stats: StatsConfig = StatsConfig()  # `streamtrain stats`: the stream statistics worker
     metrics: MetricsConfig = MetricsConfig()
     control: ControlConfig = ControlConfig()
     simulator: SimulatorConfig = SimulatorConfig()  # used by `simulate` and `demo`
@@ -163,6 +175,13 @@ class StreamtrainConfig(Section):
         if isinstance(model, dict) and isinstance(sparse, list) and isinstance(dense, list):
             model.setdefault("num_sparse_features", len(sparse))
             model.setdefault("num_dense_features", len(dense))
+        redis = data.get("redis") or {}
+        popularity = data.setdefault("popularity", {})
+        if isinstance(popularity, dict) and isinstance(redis, dict):
+            # One Redis and one namespace for the stats worker (writer) and the popularity source (reader).
+            popularity.setdefault("key_prefix", redis.get("key_prefix", RedisConfig().key_prefix))
+            if redis.get("url"):
+                popularity.setdefault("redis_url", redis["url"])
         run_dir = Path(str(data.get("run_dir", "runs/default")))
         ckpt = data.setdefault("checkpoints", {})
         if isinstance(ckpt, dict):
@@ -195,18 +214,15 @@ class StreamtrainConfig(Section):
         if self.model.num_gap_buckets < self.joiner.num_gap_buckets:
             problems.append(f"model.num_gap_buckets ({self.model.num_gap_buckets}) must be >= the joiner's "
                             f"{self.joiner.num_gap_buckets} (len(joiner.gap_bucket_edges_ms) + 2)")
-        if self.popularity.backend == "redis" and not (self.popularity.redis_url or self.redis.url):
-            problems.append("popularity.backend=redis needs redis.url (or popularity.redis_url)")
+        if self.popularity.key_prefix != self.redis.key_prefix:
+            problems.append("popularity.key_prefix must equal redis.key_prefix (set the namespace once, in redis)")
         if problems:
             raise ValueError("; ".join(problems))
         return self
 
     def ingest(self) -> IngestConfig:
         """The consumer side's view of this config (what ``consumers.runtime`` takes)."""
-        popularity = self.popularity
-        if popularity.backend == "redis" and not popularity.redis_url:
-            popularity = popularity.model_copy(update={"redis_url": self.redis.url})
-        return IngestConfig(source=self.kafka, decoder=self.decoder, joiner=self.joiner, popularity=popularity,
+        return IngestConfig(source=self.kafka, decoder=self.decoder, joiner=self.joiner, popularity=self.popularity,
                             dlq_topic=self.kafka.dlq_topic, samples_topic=self.kafka.samples_topic,
                             poll_max_messages=self.trainer.poll_max_messages, poll_timeout_s=self.trainer.poll_timeout_s)
 

@@ -7,7 +7,6 @@ import datetime as dt
 
 import numpy as np
 import pytest
-import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,8 +14,8 @@ from consumers.config import JoinerConfig, PopularityConfig
 from consumers.dedupe import DedupeWindow, PartitionedDedupe
 from consumers.idindex import IdIndex
 from consumers.negatives import ItemPool, rank_package
-from consumers.popularity import InProcessPopularity, RedisPopularity, RedisStatsKeys
-from consumers.schema import Action, Slot, hash_id
+from consumers.popularity import InProcessPopularity
+from consumers.schema import Action, Slot
 from consumers.state import flatten_state, pack_bytes, states_equal, unflatten_state, unpack_bytes
 from consumers.timefeatures import GapBuckets, calendar
 
@@ -104,31 +103,6 @@ def test_in_process_popularity_uses_the_last_snapshot() -> None:
     restored.load_state_dict(pop.state_dict())
     assert states_equal(restored.state_dict(), pop.state_dict())
     assert restored.ctr_priors(np.array([1]), np.array([10]))[1] == pytest.approx(item_prior[:1])
-
-
-@pytest.mark.integration
-def test_redis_popularity_reads_the_stats_layout(redis_url: str, unique_name: str) -> None:
-    client = redis.Redis.from_url(redis_url)
-    config = PopularityConfig(backend="redis", redis_url=redis_url, key_prefix=f"{unique_name}:",
-                              hot_quantile=0.5, ctr_prior_strength=10)
-    keys = RedisStatsKeys(config.key_prefix)
-    a, b, c = hash_id("item-a"), hash_id("item-b"), hash_id("item-c")
-    user = hash_id("user-1")
-    client.zadd(keys.item_exposures, {str(a): 100, str(b): 10, str(c): 1})
-    client.hset(keys.item_clicks, mapping={str(a): 20})
-    client.hset(keys.user_exposures, mapping={str(user): 8})
-    client.hset(keys.user_clicks, mapping={str(user): 2})
-    client.hset(keys.totals, mapping={"exposures": 111, "clicks": 22})
-    pop = RedisPopularity(config, client)
-    pop.refresh()
-    assert pop.hot_threshold() == 10.0
-    assert pop.item_popularity(np.array([[a, b], [0, hash_id("unknown")]])).tolist() == [[100.0, 10.0], [0.0, 0.0]]
-    user_prior, item_prior = pop.ctr_priors(np.array([user, hash_id("new user")]), np.array([a, c]))
-    mean = 22 / 111
-    assert user_prior == pytest.approx([(2 + 10 * mean) / 18, mean])
-    assert item_prior == pytest.approx([(20 + 10 * mean) / 110, (10 * mean) / 11])
-    pop.observe(np.array([user]), np.array([a]), np.array([E]), np.array([1]))  # the stats app counts, not us
-    assert client.zscore(keys.item_exposures, str(a)) == 100
 
 
 def test_id_index_evicts_least_recently_seen_down_to_seven_eighths() -> None:

@@ -22,6 +22,7 @@ from streamtrain.cli import (
     run_cmd,
     services_cmd,
     simulate_cmd,
+    stats_cmd,
 )
 from streamtrain.cli.exit_codes import InputError
 from streamtrain.config import ConfigError
@@ -33,7 +34,7 @@ from streamtrain.services import ServiceError
 log = logging.getLogger("streamtrain")
 
 COMMANDS = (demo_cmd, run_cmd, report_cmd, join_cmd, replay_cmd, eval_cmd, config_cmd, services_cmd, simulate_cmd,
-            checkpoints_cmd, gate_cmd, publish_cmd)
+            checkpoints_cmd, gate_cmd, publish_cmd, stats_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -113,7 +113,8 @@ def _demo_config(args: argparse.Namespace, bootstrap: str, redis_url: str | None
     import os
 
     user_file = read_yaml(args.config) if args.config else {}
-    services = {"kafka": {"bootstrap_servers": bootstrap}, "redis": {"url": redis_url}}
+    services = {"kafka": {"bootstrap_servers": bootstrap}, "redis": {"url": redis_url},
+                **({"popularity": {"backend": "redis"}} if redis_url else {})}  # the stats worker's numbers
     return build_config(demo_defaults(), user_file, env_overrides(os.environ), services, flag_overrides(args.overrides))
 
 
@@ -157,6 +158,7 @@ def _demo(args: argparse.Namespace) -> int:
                 oracle(batch, result)
 
             daemon = Daemon(config, stop=stop, hooks=DaemonHooks(on_trained=on_trained))
+            stats_worker = _start_stats_worker(config) if redis is not None else None
             producer = threading.Thread(target=simulate, name="simulator", daemon=True)
             producer.start()
             timer = threading.Timer(args.duration, stop.set)
@@ -169,6 +171,9 @@ def _demo(args: argparse.Namespace) -> int:
                 timer.cancel()
                 sim_stop.set()
                 producer.join(timeout=30)
+                if stats_worker is not None:
+                    stats_worker.stop(timeout_s=15.0)
+            in_redis = _redis_report(redis.url, config.redis.key_prefix, daemon.status().counters) if redis else None
         finally:
             if redis is not None:
                 redis.stop()
@@ -186,6 +191,7 @@ def _demo(args: argparse.Namespace) -> int:
         "run_dir": str(config.run_dir),
         **{k: v for k, v in dataclasses.asdict(summary).items() if k in ("steps", "checkpoint_failures")},
         "report": None if args.no_report else _write_report(config.run_dir),
+        **({"redis": in_redis} if in_redis is not None else {}),
     }
     if args.json:
         print_json(result)
@@ -210,3 +216,41 @@ def _write_report(run_dir: Path) -> str | None:
         return None
     log.info("report written to %s", page)
     return str(page)
+def _start_stats_worker(config: StreamtrainConfig) -> Any:
+    """`streamtrain stats` beside the daemon, on the demo's effective config (a process of
+    its own: Faust runs its own event loop and signal handling); stopped by the caller."""
+    import yaml
+
+    from streamtrain.services.process import ManagedProcess
+
+    path = config.run_dir / "stats.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    worker = ManagedProcess("stats worker", [sys.executable, "-m", "streamtrain", "--log-format", "json", "stats",
+                                             "--config", str(path)], config.run_dir / "stats.log")
+    worker.start(ready=lambda: True, timeout_s=5.0)
+    return worker
+
+
+def _redis_report(url: str, prefix: str, counters: dict[str, int]) -> dict[str, Any]:
+    """What went to Redis: the stats snapshot, the served versions, the keys under the prefix,
+    and where the joiner's popularity came from."""
+    import redis as redis_client
+
+    from consumers.stats_store import StatsKeys, read_snapshot
+    from streamtrain.runtime.serving import ServingKeys
+
+    client = redis_client.Redis.from_url(url)
+    snap = read_snapshot(client, StatsKeys(prefix))
+    versions = [v.decode() for v in client.zrange(ServingKeys(prefix).versions, 0, -1)]
+    current = client.get(ServingKeys(prefix).current)
+    return {
+        "keys": sum(1 for _ in client.scan_iter(match=f"{prefix}*", count=1000)),
+        "stats_snapshot": None if snap is None else {"items": len(snap.items.ids), "users": len(snap.users.ids),
+                                                     "events": int(snap.info.get("applied", 0)),
+                                                     "skipped": snap.info.get("skipped")},
+        "serving_current": None if current is None else current.decode(),
+        "serving_versions": versions,
+        "popularity_source": "redis" if counters.get("popularity.source_redis") else "local",
+        "popularity_fetches": counters.get("popularity.fetches", 0),
+    }

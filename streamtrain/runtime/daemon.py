@@ -72,6 +72,7 @@ from streamtrain.runtime.metric_points import metric_points
 from streamtrain.runtime.metrics import DaemonMetrics
 from streamtrain.runtime.publisher import Publisher
 from streamtrain.runtime.releases import ReleaseManager
+from streamtrain.runtime.serving import ServingPush
 from streamtrain.runtime.status import DaemonStatus, TableStatus, VersionStatus
 from streamtrain.runtime.timeseries import TimeSeries
 from streamtrain.trainer import Predictions, StepResult, Trainer, build_trainer, pick_device
@@ -166,10 +167,14 @@ class Daemon:
         self.store = CheckpointStore(config.checkpoints.root, config.checkpoints)
         self.trigger = CheckpointTrigger.from_config(config.checkpoints, clock)
         self.pipeline = self._new_pipeline()
+        self.popularity = self.pipeline.joiner.popularity
+        self.serving = self._new_serving()
         self.metrics = DaemonMetrics()
         self.timeseries = TimeSeries(config.run_dir)  # the history `streamtrain report` draws
         self.control: ControlServer | None = None
-        self._restore(resume_from, warm_start)
+        if not self._restore(resume_from, warm_start):
+            self.popularity.sync()  # a fresh joiner state: external statistics enter here, then at checkpoints
+        self._sync_serving()
 
     # ------------------------------------------------------------------ construction
     def _new_trainer(self) -> Trainer:
@@ -185,6 +190,20 @@ class Daemon:
     def _new_pipeline(self) -> IngestPipeline:
         ingest = self.config.ingest()
         return build_pipeline(ingest, make_producer(ingest))
+
+    def _new_serving(self) -> ServingPush | None:
+        cfg = self.config
+        if not (cfg.redis.url and cfg.serving.push):
+            return None
+        import redis
+
+        client = redis.Redis.from_url(cfg.redis.url, socket_timeout=10.0, socket_connect_timeout=2.0)
+        return ServingPush(client, cfg.redis.key_prefix, cfg.serving.keep_versions, cfg.serving.expire_grace_s)
+
+    def _sync_serving(self) -> None:
+        """Redis serves what CURRENT names (runtime/serving.py); a failure is counted and retried at the next call."""
+        if self.serving is not None:
+            self.serving.sync(self.publisher)
 
     # ------------------------------------------------------------------ state
     def components(self) -> dict[str, Any]:
@@ -202,20 +221,22 @@ class Daemon:
             return self._saved_ledger
         return np.concatenate(self._ledger) if self._ledger else np.zeros(0, np.int64)
 
-    def _restore(self, resume_from: str | None, warm_start: str | None) -> None:
+    def _restore(self, resume_from: str | None, warm_start: str | None) -> bool:
+        """Load the checkpoint to resume from; False when the pipeline starts fresh."""
         if warm_start is not None:
             ckpt = self.store.resolve_warm_start(warm_start)
             self.trainer.load_state_dict(ckpt.components["trainer"], model_only=True)
             log.info("warm start from %s: model and embeddings only, offsets start per config", ckpt.name)
-            return
+            return False
         try:
             ckpt = self.store.load(resume_from)
         except (CheckpointNotFoundError, NoIntactCheckpointError) as exc:
             if resume_from is not None:
                 raise
             log.info("no checkpoint under %s (%s): starting fresh", self.config.checkpoints.root, type(exc).__name__)
-            return
+            return False
         self._load(ckpt)
+        return True
 
     def _load(self, ckpt: Checkpoint) -> None:
         for skipped in ckpt.skipped:
@@ -241,6 +262,9 @@ class Daemon:
         undelivered = self.pipeline.deliver_dlq(10.0)  # DLQ records of checkpointed offsets are delivered first
         if undelivered:
             log.warning("%d DLQ records not yet delivered at checkpoint; they are resent after a crash", undelivered)
+        # External statistics enter the joiner only here, so every checkpoint holds what the
+        # steps after it will use (consumers/popularity.py: RedisPopularity).
+        self.popularity.sync()
         components = self.components()
         try:
             info = self.store.save(self.trainer.steps, components, offsets=self.pipeline.positions(),
@@ -248,6 +272,7 @@ class Daemon:
                                    extra_meta={"reason": reason, "samples": self.trainer.samples,
                                                "table_steps": {n: t.table.step for n, t in self.trainer.tables.items()}})
         except CheckpointWriteError as exc:
+            self.popularity.discard_sync()  # what it fetched must not be used unrecorded
             self.checkpoint_failures += 1
             delay = self.trigger.failed()
             log.error("checkpoint failed (%s); training continues, retry in %.0fs", exc, delay,
@@ -286,6 +311,7 @@ class Daemon:
             return
         meta = {"monitors": self.monitors.status(), "config_hash": self.config.config_hash()}
         self.releases.publish_pending(self.trainer, self.last_checkpoint, meta)
+        self._sync_serving()
 
     # ------------------------------------------------------------------ control (thread-safe)
     def request(self, command: str, reason: str) -> dict[str, Any]:
@@ -351,7 +377,11 @@ class Daemon:
             current_version=None if current is None else VersionStatus(
                 current.name, current.number, float(current.manifest.get("created", 0.0))),
             releases={"released": self.releases.released, "held": self.releases.held,
-                      "rollbacks": self.releases.rollbacks, "failures": self.releases.failures},
+                      "rollbacks": self.releases.rollbacks, "failures": self.releases.failures,
+                      **({} if self.serving is None else {
+                          "serving_pushes": self.serving.counters.pushes,
+                          "serving_full_pushes": self.serving.counters.full_pushes,
+                          "serving_failures": self.serving.counters.failures})},
         )
         with self._status_lock:
             self._status = status
@@ -385,11 +415,15 @@ class Daemon:
         self._observe_latencies(batch)
         size = len(batch["sample_id"])
         self._ledger.append(batch["sample_id"].copy())
+        rollbacks = self.releases.rollbacks
         self.releases.account(size, self.monitors.gate, self.trainer.samples)
+        if self.releases.rollbacks != rollbacks:
+            self._sync_serving()  # CURRENT moved back: serving follows
         self.trigger.record(size)
         release = self.releases.decide(self.monitors.gate)
-        if release or self.trigger.due():
-            self.checkpoint("release" if release else "cadence")
+        due = self.trigger.due()
+        if release or due or self.popularity.sync_due():  # popularity: a fresh stats snapshot every refresh_s
+            self.checkpoint("release" if release else "cadence" if due else "popularity")
         if release:
             # The version names the checkpoint of this very step; when that write failed
             # there is none, and the release is dropped rather than published unnamed.

@@ -118,6 +118,29 @@ def _points(status: DaemonStatus, now: float) -> Iterator[Point]:
                            ("rollbacks", "CURRENT moved back by the rollback action."),
                            ("failures", "Releases that failed to write.")):
         yield Point(f"streamtrain_releases_{key}", "counter", help_text, status.releases.get(key, 0))
+    yield from _redis_points(status)
+
+
+def _redis_points(status: DaemonStatus) -> Iterator[Point]:
+    """Redis-backed popularity (backend=redis) and the serving push (redis.url set), when present."""
+    counters = status.counters
+    if "popularity.source_redis" in counters:
+        yield Point("streamtrain_popularity_source_redis", "gauge",
+                    "1 while popularity and CTR priors come from the stats worker's snapshot, 0 on local counts.",
+                    counters["popularity.source_redis"])
+        for result, key in (("ok", "fetches"), ("error", "fetch_errors"), ("missing", "fetch_missing")):
+            yield Point("streamtrain_popularity_fetches", "counter",
+                        "Stats snapshot fetches from Redis at checkpoints, by result (error/missing: local counts next).",
+                        counters.get(f"popularity.{key}", 0), {"result": result})
+        for source, key in (("redis", "redis_refreshes"), ("local", "local_refreshes")):
+            yield Point("streamtrain_popularity_refreshes", "counter",
+                        "Event-time popularity refreshes, by where lookups answered from afterwards.",
+                        counters.get(f"popularity.{key}", 0), {"source": source})
+    if "serving_pushes" in status.releases:
+        for key, help_text in (("pushes", "Published versions written to Redis for serving."),
+                               ("full_pushes", "Serving pushes that wrote every row (no base version in Redis)."),
+                               ("failures", "Serving syncs that failed (the version on disk stands; retried).")):
+            yield Point(f"streamtrain_serving_{key}", "counter", help_text, status.releases.get(f"serving_{key}", 0))
 
 
 def _monitor_points(suite: dict[str, Any]) -> Iterator[Point]:
