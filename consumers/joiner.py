@@ -106,6 +106,7 @@ class _Emitted:
         if not len(rows):
             return
         batch = self._pool.gather(rows)
+        batch["emit_ms"] = emit_time.astype(np.int64)
         batch["is_correction"] = np.full(len(rows), correction)
         if correction:
             batch["convert"][:] = 1
