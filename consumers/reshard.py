@@ -126,15 +126,17 @@ def _admission(states: Sequence[Mapping[str, Any]], mine: set[int], num_sparse: 
 
 
 def _window(states: Sequence[Mapping[str, Any]], keep: Any) -> dict[str, Any]:
-    """Remembered ids (oldest first) that ``keep(ids, tags)`` selects, old joiner by old joiner."""
-    ids, tags = [], []
+    """Remembered ids (oldest first) that ``keep(ids, tags)`` selects, old joiner by old
+    joiner; an id several of them hold (a copy routed to every possible owner) once."""
+    ids, tags = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     for s in states:
         i, t = np.asarray(s["ids"], np.int64), np.asarray(s["tags"], np.int64)
         mask = keep(i, t)
         ids.append(i[mask])
         tags.append(t[mask])
-    return {"format_version": states[0]["format_version"] if states else 1,
-            "ids": np.concatenate([np.zeros(0, np.int64), *ids]), "tags": np.concatenate([np.zeros(0, np.int64), *tags])}
+    all_ids, all_tags = np.concatenate(ids), np.concatenate(tags)
+    first = np.sort(np.unique(all_ids, return_index=True)[1])
+    return {"format_version": states[0]["format_version"] if states else 1, "ids": all_ids[first], "tags": all_tags[first]}
 
 
 def _pending(states: Sequence[Mapping[str, Any]], mine: set[int]) -> dict[str, Any]:
