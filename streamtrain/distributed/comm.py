@@ -17,20 +17,37 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 
 @dataclass
-class CommStats:
-    """Totals since the last :meth:`Comm.take_stats`."""
-
+class OpStats:
     bytes_sent: int = 0
     bytes_received: int = 0
     seconds: float = 0.0
     calls: int = 0
+
+
+@dataclass
+class CommStats:
+    """Per collective (``all_to_all``: embedding ids, rows and gradients; ``all_gather``:
+    outputs, samples, topic events, sketch keys; ``all_reduce``: dense gradients and the
+    loop's agreements; ``broadcast``/``p2p``: checkpoint and restore), since the last
+    :meth:`Comm.take_stats`."""
+
+    ops: dict[str, OpStats] = field(default_factory=dict)
+
+    @property
+    def bytes(self) -> int:
+        """Sent plus received, every collective."""
+        return sum(o.bytes_sent + o.bytes_received for o in self.ops.values())
+
+    @property
+    def seconds(self) -> float:
+        return sum(o.seconds for o in self.ops.values())
 
 
 class Comm:
@@ -55,13 +72,14 @@ class Comm:
         return stats
 
     @contextmanager
-    def _timed(self, sent: int, received: int) -> Iterator[None]:
+    def _timed(self, op: str, sent: int, received: int) -> Iterator[OpStats]:
+        stats = self.stats.ops.setdefault(op, OpStats())
         started = time.perf_counter()
-        yield
-        self.stats.seconds += time.perf_counter() - started
-        self.stats.bytes_sent += sent
-        self.stats.bytes_received += received
-        self.stats.calls += 1
+        yield stats
+        stats.seconds += time.perf_counter() - started
+        stats.bytes_sent += sent
+        stats.bytes_received += received
+        stats.calls += 1
 
     def _on(self, tensor: torch.Tensor) -> dist.ProcessGroup | None:
         return self._cpu_group if tensor.device.type == "cpu" else self._group
@@ -73,7 +91,7 @@ class Comm:
         if self.alone:
             return tensor
         size = tensor.numel() * tensor.element_size()
-        with self._timed(size, size):
+        with self._timed("all_reduce", size, size):
             dist.all_reduce(tensor, op=op, group=self._on(tensor))
         return tensor
 
@@ -86,41 +104,43 @@ class Comm:
     # ------------------------------------------------------------------ rows
     def all_gather_rows(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's ``tensor`` (sizes along dim 0 may differ; the rest must agree),
-        in rank order."""
+        in rank order. Timed with the size exchange it needs; bytes are the payload's."""
         if self.alone:
             return [tensor]
-        group = self._on(tensor)
-        sizes = torch.tensor([tensor.shape[0]], dtype=torch.int64)
-        gathered_sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
-        dist.all_gather(gathered_sizes, sizes, group=self._cpu_group)
-        counts = [int(s) for s in gathered_sizes]
-        biggest = max(counts)
-        padded = tensor
-        if tensor.shape[0] < biggest:
-            padded = torch.cat([tensor, tensor.new_zeros((biggest - tensor.shape[0], *tensor.shape[1:]))])
-        out = [padded.new_empty(padded.shape) for _ in range(self.world)]
         row = torch.Size(tensor.shape[1:]).numel() * tensor.element_size()
-        with self._timed(counts[self.rank] * row * (self.world - 1), (sum(counts) - counts[self.rank]) * row):
-            dist.all_gather(out, padded.contiguous(), group=group)
+        with self._timed("all_gather", 0, 0) as stats:
+            sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world)]
+            dist.all_gather(sizes, torch.tensor([tensor.shape[0]], dtype=torch.int64), group=self._cpu_group)
+            counts = [int(s) for s in sizes]
+            padded = tensor
+            if tensor.shape[0] < max(counts):  # all_gather wants equal sizes
+                padded = torch.cat([tensor, tensor.new_zeros((max(counts) - tensor.shape[0], *tensor.shape[1:]))])
+            out = [padded.new_empty(padded.shape) for _ in range(self.world)]
+            dist.all_gather(out, padded.contiguous(), group=self._on(tensor))
+            stats.bytes_sent += counts[self.rank] * row * (self.world - 1)
+            stats.bytes_received += (sum(counts) - counts[self.rank]) * row
         return [t[:n] for t, n in zip(out, counts)]
 
-    def all_to_all_rows(self, tensor: torch.Tensor, send_counts: list[int]) -> tuple[torch.Tensor, list[int]]:
+    def all_to_all_rows(self, tensor: torch.Tensor, send_counts: list[int],
+                        recv_counts: list[int] | None = None) -> tuple[torch.Tensor, list[int]]:
         """Send rows ``[sum(send_counts[:r]), sum(send_counts[:r+1]))`` of ``tensor`` to
-        rank r; returns the rows received (in rank order) and how many came from each."""
+        rank r; returns the rows received (in rank order) and how many came from each.
+        ``recv_counts``, when the caller knows them (a reply to an earlier exchange), saves
+        the collective that would learn them."""
         if len(send_counts) != self.world or sum(send_counts) != tensor.shape[0]:
             raise ValueError(f"send_counts {send_counts} do not split {tensor.shape[0]} rows over {self.world} ranks")
         if self.alone:
             return tensor, list(send_counts)
-        group = self._on(tensor)
-        counts = torch.tensor(send_counts, dtype=torch.int64)
-        recv = torch.empty_like(counts)
-        dist.all_to_all_single(recv, counts, group=self._cpu_group)
-        recv_counts = recv.tolist()
-        out = tensor.new_empty((sum(recv_counts), *tensor.shape[1:]))
         row = torch.Size(tensor.shape[1:]).numel() * tensor.element_size()
-        sent = (sum(send_counts) - send_counts[self.rank]) * row
-        with self._timed(sent, (sum(recv_counts) - recv_counts[self.rank]) * row):
-            dist.all_to_all_single(out, tensor.contiguous(), recv_counts, send_counts, group=group)
+        with self._timed("all_to_all", 0, 0) as stats:
+            if recv_counts is None:
+                recv = torch.empty(self.world, dtype=torch.int64)
+                dist.all_to_all_single(recv, torch.tensor(send_counts, dtype=torch.int64), group=self._cpu_group)
+                recv_counts = recv.tolist()
+            out = tensor.new_empty((sum(recv_counts), *tensor.shape[1:]))
+            dist.all_to_all_single(out, tensor.contiguous(), recv_counts, send_counts, group=self._on(tensor))
+            stats.bytes_sent += (sum(send_counts) - send_counts[self.rank]) * row
+            stats.bytes_received += (sum(recv_counts) - recv_counts[self.rank]) * row
         return out, recv_counts
 
     # ------------------------------------------------------------------ bytes (control plane)
@@ -133,7 +153,7 @@ class Comm:
         dist.broadcast(size, src, group=self._cpu_group)
         n = int(size)
         buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.rank == src and n else torch.empty(n, dtype=torch.uint8)
-        with self._timed(n * (self.world - 1) if self.rank == src else 0, 0 if self.rank == src else n):
+        with self._timed("broadcast", n * (self.world - 1) if self.rank == src else 0, 0 if self.rank == src else n):
             if n:
                 dist.broadcast(buf, src, group=self._cpu_group)
         return buf.numpy().tobytes()
@@ -161,20 +181,19 @@ class Comm:
         return self._recv(src)
 
     def _send(self, data: bytes, peer: int) -> None:
-        with self._timed(len(data), 0):
+        with self._timed("p2p", len(data), 0):
             dist.send(torch.tensor([len(data)], dtype=torch.int64), peer, group=self._cpu_group)
             if data:
                 dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8), peer, group=self._cpu_group)
 
     def _recv(self, peer: int) -> bytes:
         size = torch.zeros(1, dtype=torch.int64)
-        buf = torch.empty(0, dtype=torch.uint8)
-        with self._timed(0, 0):
+        with self._timed("p2p", 0, 0) as stats:
             dist.recv(size, peer, group=self._cpu_group)
             buf = torch.empty(int(size), dtype=torch.uint8)
             if int(size):
                 dist.recv(buf, peer, group=self._cpu_group)
-        self.stats.bytes_received += int(size)
+            stats.bytes_received += int(size)
         return buf.numpy().tobytes()
 
     def barrier(self) -> None:

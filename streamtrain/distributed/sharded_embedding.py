@@ -96,7 +96,7 @@ class ShardedDynamicEmbedding(DynamicEmbedding):
         starts = torch.cumsum(own_counts, 0) - own_counts  # first occurrence of each key
         key_position = hit.inverse.index_select(0, starts)  # (U,)
         vectors = self.table.embeddings(hit.rows).index_select(0, key_position).index_select(0, recv_inverse)
-        answered, _ = self.comm.all_to_all_rows(vectors, recv_counts)  # (n, D), in send order
+        answered, _ = self.comm.all_to_all_rows(vectors, recv_counts, send_counts)  # (n, D), in send order
 
         leaf = torch.zeros(keys.numel(), self.dim, device=device, dtype=answered.dtype)  # (K, D); padding stays 0
         leaf[sent.nonzero().squeeze(1).index_select(0, order)] = answered
@@ -111,7 +111,7 @@ class ShardedDynamicEmbedding(DynamicEmbedding):
         that all shards hold the one sketch a single table would (the table then adds its
         own missing keys in its training lookup and reads the estimates)."""
         sketch = self.table.sketch
-        if sketch is None:
+        if sketch is None or self.comm.alone:
             return
         missing = self.table.lookup(own_keys, train=False).inverse == _ABSENT
         mine = torch.stack([own_keys[missing], own_counts[missing]], dim=1)
@@ -128,7 +128,7 @@ class ShardedDynamicEmbedding(DynamicEmbedding):
         for ex in self._exchanges:
             grad = ex.leaf.grad if ex.leaf.grad is not None else torch.zeros_like(ex.leaf)
             outgoing = grad[ex.sent].index_select(0, ex.order)
-            incoming, _ = self.comm.all_to_all_rows(outgoing, ex.send_counts)  # (m, D) rank by rank
+            incoming, _ = self.comm.all_to_all_rows(outgoing, ex.send_counts, ex.recv_counts)  # (m, D) rank by rank
             per_key = torch.zeros(ex.key_position.numel(), self.dim, device=grad.device,
                                   dtype=grad.dtype).index_add_(0, ex.recv_inverse, incoming)
             per_row = torch.zeros(ex.rows.numel(), self.dim, device=grad.device,
