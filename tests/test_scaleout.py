@@ -4,7 +4,8 @@ One fixed, seeded event log is trained by the single-process daemon and by two w
 What must hold, and how exactly (docs/architecture.md, "Scale-out"):
 
 * two workers train every sample exactly once, in the very order one process does (the
-  ledger chain, in order), and their joiners end in one joiner's state;
+  ledger chain, in order), and their joiners end in one joiner's state; one worker is the
+  single-process daemon, bit for bit;
 * a SIGKILLed worker is noticed, the group restarts from the last checkpoint, and the end
   state equals the uninterrupted two-worker run bit for bit (a replay at the same
   worker count is exact);
@@ -180,6 +181,22 @@ def test_two_workers_train_every_sample_once_in_the_single_process_order(two_wor
     ckpt = final_state(two_workers)
     assert ckpt.components["scaleout"]["workers"] == 2
     assert sorted(ckpt.offsets[next(iter(ckpt.offsets))]) == [0, 1]  # one manifest: every partition
+
+
+def test_one_worker_is_the_single_process_daemon_bit_for_bit(
+    kafka_bootstrap: str, produced: dict[str, Any], single: Path, tmp_path: Path
+) -> None:
+    config, run_dir = _config(tmp_path, kafka_bootstrap, produced["topic"], "run")
+    _run(config, tmp_path / "log", "--workers", "1")
+    (got, got_ckpt), (expected, expected_ckpt) = as_one_worker(run_dir), as_one_worker(single)
+    ignore = {"monitors.gate.*.wall_time": "wall clock"}
+    assert not state_differences({"shared": got.shared, "tables": got.ranks[0].tables, "pipeline": got.ranks[0].pipeline,
+                                  "rng": got.ranks[0].rng},
+                                 {"shared": expected.shared, "tables": expected.ranks[0].tables,
+                                  "pipeline": expected.ranks[0].pipeline, "rng": expected.ranks[0].rng},
+                                 {f"shared.{k}": v for k, v in ignore.items()})
+    assert got_ckpt.offsets == expected_ckpt.offsets
+    assert np.array_equal(ledger_chain(run_dir / "checkpoints").sample_ids(), ledger_chain(single / "checkpoints").sample_ids())
 
 
 def _ranks_of(launcher: subprocess.Popen[bytes]) -> list[int]:
