@@ -60,7 +60,7 @@ from streamtrain.distributed.sharded_embedding import ShardedDynamicEmbedding
 from streamtrain.distributed.state import pack_state, unpack_state
 from streamtrain.distributed.topic import TorchTopicExchange
 from streamtrain.embedding.redis_tier import RedisColdTier
-from streamtrain.trainer import StepResult, Trainer, build_trainer
+from streamtrain.trainer import Trainer, build_trainer
 
 log = logging.getLogger("streamtrain.distributed")
 
@@ -98,7 +98,6 @@ def topic_partitions(config: KafkaSourceConfig, stop: threading.Event, wait_s: f
 class Worker:
     def __init__(self, config: StreamtrainConfig, comm: Comm, device: torch.device, *, stop: threading.Event,
                  resume_from: str | None = None, stop_after_samples: int | None = None,
-                 on_trained: Callable[[SampleBatch, StepResult], None] = lambda batch, result: None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if config.kafka.mode != "assign":
             raise ValueError("a scale-out run places partitions itself: set kafka.mode=assign")
@@ -106,7 +105,6 @@ class Worker:
         self.comm = comm
         self.stop = stop
         self.stop_after_samples = stop_after_samples
-        self.on_trained = on_trained
         self.leader = comm.rank == 0
         self.checkpoints_written = 0
         self.last_checkpoint: str | None = None
@@ -295,7 +293,6 @@ class Worker:
 
     def _train_one(self, batch: SampleBatch) -> None:
         result = self.trainer.step(batch)
-        self.on_trained(batch, result)
         fresh = ~batch["is_correction"]  # correction rows re-emit a scored exposure: monitors see exposures only
         if fresh.any():
             p = result.predictions
