@@ -152,7 +152,12 @@ class Worker:
         ingest = self.config.ingest()
         source = ingest.source.model_copy(update={"only_partitions": tuple(self.partitions)})
         ingest = ingest.model_copy(update={"source": source})
-        return build_pipeline(ingest, make_producer(ingest), exchange=TorchTopicExchange(self.comm))
+        pipeline = build_pipeline(ingest, make_producer(ingest), exchange=TorchTopicExchange(self.comm))
+        # Hold the watermark from the start: until the source has assigned them (it may not
+        # see the topic at once), unassigned partitions would let the other ranks advance
+        # past events this rank has not read yet.
+        pipeline.joiner.assign(self.partitions)
+        return pipeline
 
     # ------------------------------------------------------------------ state
     def _share(self) -> RankShare:
