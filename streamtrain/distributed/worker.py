@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import orjson
 import torch
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, KafkaException
 
 from checkpoints import (
     CheckpointNotFoundError,
@@ -47,6 +47,7 @@ from checkpoints import (
 from consumers.batching import SampleBuffer
 from consumers.config import KafkaSourceConfig
 from consumers.pipeline import IngestPipeline
+from consumers.ratelimit import RateLimitedLog
 from consumers.runtime import build_pipeline, make_producer
 from consumers.schema import SampleBatch
 from monitors.alerts import build_sinks
@@ -77,19 +78,23 @@ class WorkerSummary:
     stopped_by: str
 
 
-def topic_partitions(config: KafkaSourceConfig, stop: threading.Event, wait_s: float = 120.0) -> list[int]:
-    """The topic's partitions, once its metadata is there (waits up to ``wait_s``)."""
+def partition_count(config: KafkaSourceConfig, stop: threading.Event) -> int:
+    """How many partitions the topic has, once its metadata is there (like the
+    single-process daemon, a worker waits for the topic, logging now and then)."""
     consumer = Consumer({"bootstrap.servers": config.bootstrap_servers, "group.id": config.group_id,
-                         **config.client_overrides})
+                         "logger": log, **config.client_overrides})
+    waiting = RateLimitedLog(config.stall_log_interval_s, time.monotonic, log)
     try:
-        deadline = time.monotonic() + wait_s
         while not stop.is_set():
-            topic = consumer.list_topics(config.topic, timeout=5).topics.get(config.topic)
+            try:
+                topic = consumer.list_topics(config.topic, timeout=5).topics.get(config.topic)
+            except KafkaException as exc:
+                topic = None
+                waiting.warning("no metadata for topic %s yet: %s", config.topic, exc)
             if topic is not None and topic.error is None and topic.partitions:
-                return sorted(topic.partitions)
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"topic {config.topic} has no partitions after {wait_s:.0f} s")
-            time.sleep(0.5)
+                return len(topic.partitions)
+            waiting.warning("topic %s not available yet", config.topic)
+            time.sleep(config.error_backoff_s or 0.5)
         raise RuntimeError("stopped while waiting for the topic")
     finally:
         consumer.close()
@@ -133,9 +138,13 @@ class Worker:
 
     # ------------------------------------------------------------------ construction
     def _agree_on_partitions(self) -> list[int]:
-        """Rank 0 reads the topic's partitions; every rank places them the same way."""
-        mine = orjson.dumps(topic_partitions(self.config.kafka, self.stop)) if self.leader else None
-        return [int(p) for p in orjson.loads(self.comm.broadcast_bytes(mine))]
+        """Every rank reads the topic's partition count (waiting outside any collective,
+        which would time out); they must agree, then each places them the same way."""
+        count = partition_count(self.config.kafka, self.stop)
+        low, high = self.comm.all_min([count])[0], self.comm.all_max([count])[0]
+        if low != high:
+            raise RuntimeError(f"ranks see {low} and {high} partitions of {self.config.kafka.topic}: is it being resized?")
+        return list(range(count))
 
     def _new_trainer(self) -> Trainer:
         cfg = self.config
