@@ -65,8 +65,10 @@ class SampleBuffer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"sample buffer format {state.get('format_version')} != {FORMAT_VERSION}")
-        samples = state["samples"]
+        samples = dict(state["samples"])
         self._size = int(state["size"])
+        if self._size and "emit_ms" not in samples:  # saved before samples carried it: emitted long ago, in order
+            samples["emit_ms"] = np.full(self._size, -1, np.int64)
         self._chunks = [{k: np.asarray(samples[k], SAMPLE_FIELDS[k].dtype) for k in SAMPLE_FIELDS}] if self._size else []
         if self._size and len(self._chunks[0]["sample_id"]) != self._size:
             raise ValueError(f"sample buffer state says {self._size} samples but holds {len(self._chunks[0]['sample_id'])}")

@@ -35,6 +35,7 @@ class KafkaSourceConfig(_Frozen):
     topic: str = "events"  # DESIGN §1 topic name; key = user_id
     group_id: str = "streamtrain"  # one group per trainer job; offsets in it serve lag tools only
     mode: Literal["subscribe", "assign"] = "subscribe"  # assign: all partitions, no rebalances (replays)
+    only_partitions: tuple[int, ...] | None = None  # assign mode: just these (a scale-out rank's share); None = all
     start: Literal["earliest", "latest"] = "earliest"  # where a partition with no known position starts
     resume_from_committed: bool = False  # False: offsets belong to checkpoints, commits only feed lag tools
     session_timeout_ms: int = Field(6000, ge=1000)  # small for fast local joins (Tansu waits half of it)

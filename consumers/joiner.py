@@ -64,6 +64,7 @@ from consumers.popularity import PopularitySource
 from consumers.reasons import Reason, Rejection
 from consumers.schema import Action, EventBatch, SampleBatch, concat_batches, empty_batch
 from consumers.timefeatures import GapBuckets, calendar
+from consumers.topic import SoleJoiner, TopicExchange
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ class _Emitted:
         if not len(rows):
             return
         batch = self._pool.gather(rows)
+        batch["emit_ms"] = emit_time.astype(np.int64)
         batch["is_correction"] = np.full(len(rows), correction)
         if correction:
             batch["convert"][:] = 1
@@ -114,9 +116,10 @@ class _Emitted:
 
 
 class LabelJoiner:
-    def __init__(self, config: JoinerConfig, popularity: PopularitySource) -> None:
+    def __init__(self, config: JoinerConfig, popularity: PopularitySource, exchange: TopicExchange = SoleJoiner()) -> None:
         self.config = config
         self.popularity = popularity
+        self.exchange = exchange  # other joiners of the topic (consumers/topic.py); alone by default
         self.L = config.history_len
         self.S = len(config.sparse_features)
         self.D = len(config.dense_features)
@@ -193,18 +196,35 @@ class LabelJoiner:
     # ---------------------------------------------------------------- advance
     def advance(self) -> Emission:
         """Move the watermark as far as the assigned partitions allow; finalise and emit."""
-        target = self.watermark
+        return self.advance_to(self.partition_floor(), self.forced_floor())
+
+    def partition_floor(self) -> int | None:
+        """Where the assigned partitions let the watermark go: the minimum of their
+        watermarks (:data:`NO_WATERMARK` while one is not anchored); None with no
+        partition assigned. Joiners sharing a topic advance to the minimum of theirs."""
+        if not self._assigned:
+            return None
         clocks = [self.admission.clock(p) for p in self._assigned]
-        anchored = [c for c in clocks if c is not None]
-        if clocks and len(anchored) == len(clocks):
-            target = max(target, min(anchored) - self.config.allowed_lateness_ms)
-        if self._staged_count > self.config.max_buffered_events:
-            all_ts = np.concatenate([b.ts for b in self._staged])
-            excess = self._staged_count - self.config.max_buffered_events
-            forced = int(np.partition(all_ts, excess - 1)[excess - 1]) + 1
-            if forced > target:
-                target = forced
-                self.counters["forced_watermark_advances"] += 1
+        if any(c is None for c in clocks):
+            return NO_WATERMARK
+        return min(c for c in clocks if c is not None) - self.config.allowed_lateness_ms
+
+    def forced_floor(self) -> int | None:
+        """Where ``max_buffered_events`` forces the watermark (None while under the cap)."""
+        if self._staged_count <= self.config.max_buffered_events:
+            return None
+        all_ts = np.concatenate([b.ts for b in self._staged])
+        excess = self._staged_count - self.config.max_buffered_events
+        return int(np.partition(all_ts, excess - 1)[excess - 1]) + 1
+
+    def advance_to(self, floor: int | None, forced: int | None = None) -> Emission:
+        """Raise the watermark to ``floor`` (never down; None: stay) or, beyond it, to
+        ``forced`` (the buffer valve, counted); finalise and emit. Joiners sharing a
+        topic call this together with the same arguments."""
+        target = self.watermark if floor is None else max(self.watermark, floor)
+        if forced is not None and forced > target:
+            target = forced
+            self.counters["forced_watermark_advances"] += 1
         return self._advance_to(target)
 
     def flush(self) -> Emission:
@@ -228,29 +248,32 @@ class LabelJoiner:
 
     # ---------------------------------------------------------------- finalise
     def _finalise(self, watermark: int, emitted: _Emitted) -> list[Rejection]:
+        events = self._take_ready(watermark)
+        if len(events):
+            self._finalised_ts = int(events.ts[-1])
+        bucket = events.ts // self.config.stats_refresh_ms  # ascending: events are in canonical order
+        rejections: list[Rejection] = []
+        # One segment per bucket any joiner of the topic finalises now (this one's alone by
+        # default): popularity and item-pool refreshes happen at the same boundaries everywhere.
+        for b in self.exchange.buckets(np.unique(bucket)).tolist():
+            start, stop = np.searchsorted(bucket, [b, b + 1])
+            if self._bucket is not None and b > self._bucket:
+                self._refresh()
+            self._bucket = b
+            rejections += self._segment(events.take(slice(int(start), int(stop))), emitted)
+        return rejections
+
+    def _take_ready(self, watermark: int) -> EventBatch:
+        """Remove the staged events below ``watermark`` and return them in canonical order."""
         if not self._staged:
-            return []
+            return EventBatch.empty(self.S, self.D)
         staged = EventBatch.concat(self._staged) if len(self._staged) > 1 else self._staged[0]
         ready = staged.ts < watermark
         rest = staged.take(~ready)
         self._staged = [rest] if len(rest) else []
         self._staged_count = len(rest)
         events = staged.take(ready)
-        if not len(events):
-            return []
-        # Partition and offset break the last ties, so the order never depends on arrival.
-        events = events.take(np.lexsort((events.offset, events.partition, events.eid, events.etype, events.ts)))
-        self._finalised_ts = int(events.ts[-1])
-        bucket = events.ts // self.config.stats_refresh_ms
-        cuts = [0, *(np.flatnonzero(np.diff(bucket)) + 1).tolist(), len(events)]
-        rejections: list[Rejection] = []
-        for start, stop in zip(cuts, cuts[1:]):
-            b = int(bucket[start])
-            if self._bucket is not None and b > self._bucket:
-                self._refresh()
-            self._bucket = b
-            rejections += self._segment(events.take(slice(start, stop)), emitted)
-        return rejections
+        return events.take(np.lexsort((events.offset, events.partition, events.eid, events.etype, events.ts)))
 
     def _refresh(self) -> None:
         """An event-time boundary: everything before it has been finalised."""
@@ -273,8 +296,10 @@ class LabelJoiner:
         hot = self.popularity.item_popularity(ev.item) > self.popularity.hot_threshold()
         view = self.history.query_then_append(ev.user, ev.ts, ev.item, ev.etype, hot, is_exposure, push)
         self._features(rows, exp, view)
-        self.popularity.observe(ev.user[push], ev.item[push], ev.etype[push], ev.ts[push])
-        self.item_pool.observe(ev.item[exp_idx])
+        topic, topic_push = self.exchange.share(ev, push)  # every joiner's, when several share the topic
+        self.popularity.observe(topic.user[topic_push], topic.item[topic_push], topic.etype[topic_push],
+                                topic.ts[topic_push])
+        self.item_pool.observe(topic.item[topic.etype == _EXPOSURE])
         return rejections
 
     def _screen(self, ev: EventBatch) -> tuple[EventBatch, list[Rejection]]:

@@ -84,12 +84,15 @@ class ItemPool:
         self._snapshot = np.zeros(0, np.int64)
 
     def observe(self, items: np.ndarray) -> None:
-        size = len(self._ring)
-        items = items[-size:]
-        pos = (self._next + np.arange(len(items))) % size
-        self._ring[pos] = items
-        self._next = int((self._next + len(items)) % size)
-        self._filled = min(size, self._filled + len(items))
+        """Append ``items`` to the ring. Observing in chunks or at once gives the same ring:
+        of a chunk longer than the ring only the tail survives, at the places it would take
+        had every item been written (the joiner's segments follow its advances)."""
+        size, n = len(self._ring), len(items)
+        tail = items[-size:]
+        pos = (self._next + (n - len(tail)) + np.arange(len(tail))) % size
+        self._ring[pos] = tail
+        self._next = int((self._next + n) % size)
+        self._filled = min(size, self._filled + n)
 
     def refresh(self) -> None:
         self._snapshot = self._ring[: self._filled].copy()

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from consumers.schema import RANK_PACKAGE_SLOTS, SAMPLE_FIELDS, SampleBatch
+from consumers.schema import EMISSION_FIELDS, RANK_PACKAGE_SLOTS, SAMPLE_FIELDS, SampleBatch
 
 FORMAT_VERSION = 2  # 2: no "indexed" column (the join index keeps every open exposure); 1 loads without it
 
@@ -28,7 +28,8 @@ _INTERNAL = {
 class SamplePool:
     def __init__(self, history_len: int, negatives: int, sparse: int, dense: int, initial: int = 1024) -> None:
         self.dims = {"L": history_len, "K": negatives, "S": sparse, "D": dense, "P": RANK_PACKAGE_SLOTS}
-        self._specs = {name: (spec.dtype, tuple(self.dims[d] for d in spec.shape)) for name, spec in SAMPLE_FIELDS.items()}
+        self._specs = {name: (spec.dtype, tuple(self.dims[d] for d in spec.shape))
+                       for name, spec in SAMPLE_FIELDS.items() if name not in EMISSION_FIELDS}
         self._specs.update(_INTERNAL)
         self.cols: dict[str, np.ndarray] = {}
         self.live = np.zeros(0, np.bool_)
@@ -64,8 +65,9 @@ class SamplePool:
         self._free.extend(sorted(rows.tolist(), reverse=True))
 
     def gather(self, rows: np.ndarray) -> SampleBatch:
-        """The sample fields of ``rows`` as a new batch (copies)."""
-        return {name: self.cols[name][rows] for name in SAMPLE_FIELDS}
+        """The sample fields of ``rows`` as a new batch (copies), but the emission fields,
+        which the emitter sets."""
+        return {name: self.cols[name][rows] for name in SAMPLE_FIELDS if name not in EMISSION_FIELDS}
 
     def state_dict(self) -> dict[str, Any]:
         """The live samples in a canonical order (event time, then sample id): which row a

@@ -32,7 +32,7 @@ from typing import Any
 
 from consumers.decode import DECODE_COUNTERS, EventDecoder
 from consumers.dlq import DlqSink
-from consumers.joiner import LabelJoiner
+from consumers.joiner import Emission, LabelJoiner
 from consumers.reasons import Reason, Rejection
 from consumers.schema import SampleBatch
 from consumers.source import MessageSource, Offsets
@@ -96,6 +96,14 @@ class IngestPipeline:
     # ------------------------------------------------------------ the loop
     def poll(self, max_messages: int = 2000, timeout: float = 0.5) -> list[SampleBatch]:
         """Consume up to ``max_messages``, join, and return the samples emitted (if any)."""
+        self.ingest(max_messages, timeout)
+        # Every assigned partition ended: nothing can come before any pending window closes.
+        return self.release(self.joiner.flush() if self.end_of_input else self.joiner.advance())
+
+    def ingest(self, max_messages: int = 2000, timeout: float = 0.5) -> None:
+        """The first half of :meth:`poll`: consume, decode and admit into the joiner, but
+        leave the watermark where it is. Joiners sharing a topic (scale-out) ingest on
+        their own, agree on a watermark, then advance together and :meth:`release`."""
         messages = self.source.consume(max_messages, timeout)
         rejections: list[Rejection] = []
         if len(messages):
@@ -106,11 +114,15 @@ class IngestPipeline:
             rejections += decoded.rejections
             rejections += self.joiner.ingest(decoded.events)
         self._ended.update(messages.ended)
-        # Every assigned partition ended: nothing can come before any pending window closes.
-        emission = self.joiner.flush() if self.end_of_input else self.joiner.advance()
-        rejections += emission.rejections
         self._dead_letter(rejections)
         self.last_poll = PollReport(len(messages), Counter(r.reason.value for r in rejections))
+
+    def release(self, emission: Emission) -> list[SampleBatch]:
+        """The second half of :meth:`poll`: dead-letter what the joiner's advance (or
+        flush) rejected and return its samples (if any)."""
+        self._dead_letter(emission.rejections)
+        rejected = Counter(r.reason.value for r in emission.rejections)
+        self.last_poll = PollReport(self.last_poll.messages, self.last_poll.dead_lettered + rejected)
         return _nonempty(emission.samples)
 
     def flush(self) -> list[SampleBatch]:

@@ -19,6 +19,7 @@ from consumers.joiner import LabelJoiner
 from consumers.pipeline import IngestPipeline
 from consumers.popularity import InProcessPopularity, PopularitySource, RedisPopularity
 from consumers.source import KafkaSource, MessageSource, Offsets
+from consumers.topic import SoleJoiner, TopicExchange
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +39,15 @@ def make_producer(config: IngestConfig) -> Producer:
 
 
 def build_pipeline(config: IngestConfig, producer: Producer, source: MessageSource | None = None,
-                   wall_clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000) -> IngestPipeline:
+                   wall_clock_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+                   exchange: TopicExchange = SoleJoiner()) -> IngestPipeline:
     """Source (default: a :class:`KafkaSource` from ``config.source``) -> decoder ->
     joiner -> DLQ topic. ``wall_clock_ms`` is read only when
-    ``decoder.max_clock_skew_ms`` is set."""
+    ``decoder.max_clock_skew_ms`` is set; ``exchange``: the other joiners of the topic
+    (``consumers/topic.py``)."""
     decoder = EventDecoder(config.decoder, config.joiner.sparse_features, config.joiner.dense_features,
                            clock=wall_clock_ms)
-    joiner = LabelJoiner(config.joiner, make_popularity(config.popularity))
+    joiner = LabelJoiner(config.joiner, make_popularity(config.popularity), exchange)
     dlq = KafkaDlqSink(producer, config.dlq_topic, config.source.topic,
                        stall_log_interval_s=config.source.stall_log_interval_s)
     return IngestPipeline(source or KafkaSource(config.source), decoder, joiner, dlq)

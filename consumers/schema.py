@@ -12,6 +12,8 @@ Conventions every part relies on:
 * History is right-aligned: the most recent event sits at index ``L-1``; the
   ``L - hist_len`` leading slots are padding (item 0, action 0, ts 0).
   Every history event has ``ts < sample ts`` strictly (no label leakage).
+* Samples leave the joiner in the order ``(emit_ms, ts, sample_id, is_correction)``;
+  ``emit_ms`` is what lets several joiners' outputs be merged into that one order.
 * Labels are float32 0/1. ``convert`` is 1 only if ``click`` is 1.
   ``is_correction`` marks an ``emit_then_correct`` correction sample: the same exposure
   re-emitted with ``convert=1`` after it was first emitted with ``convert=0``.
@@ -172,7 +174,12 @@ SAMPLE_FIELDS: Final[Mapping[str, FieldSpec]] = {
     "item_ctr_prior": FieldSpec(np.dtype(np.float32), (), "smoothed item CTR prior (global popularity stats)"),
     "partition": FieldSpec(np.dtype(np.int32), (), "Kafka partition of the exposure (ledger / debugging)"),
     "offset": FieldSpec(np.dtype(np.int64), (), "Kafka offset of the exposure (ledger / debugging)"),
+    "emit_ms": FieldSpec(np.dtype(np.int64), (), "event time the joiner released the sample at (window close, "
+                         "conversion ts of a correction): the first key of the emission order"),
 }
+
+# Set by the joiner when a sample leaves, not stored with pending samples.
+EMISSION_FIELDS: Final = ("emit_ms",)
 
 SampleBatch = dict[str, np.ndarray]
 

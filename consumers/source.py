@@ -6,8 +6,9 @@
   partition is kept and applied in the ``on_assign`` callback; partitions come back at
   the position this source last delivered (not the group's committed offset) after a
   rebalance, so a revoke/assign cycle never skips or repeats messages.
-* ``assign`` mode takes every partition of the topic (as it is at start), no group
-  rebalancing: the daemon uses it for deterministic replays.
+* ``assign`` mode takes every partition of the topic (as it is at start), or those of
+  ``only_partitions`` (a scale-out rank's share, possibly none), no group rebalancing:
+  the daemon uses it for deterministic replays.
 * Broker trouble never raises: errors are logged once per ``stall_log_interval_s`` and
   polling goes on (librdkafka reconnects by itself). Only fatal client errors raise.
 * :meth:`commit` is for lag tools; committed offsets are read back only with
@@ -97,6 +98,7 @@ class KafkaSource:
         self._listener: PartitionListener | None = None
         self._positions: dict[int, int] = {}  # next offset per partition: delivered, or a seek target
         self._assigned: list[int] = []
+        self._unassigned = config.mode == "assign"  # assign mode: until the topic's partitions were taken
         self._paused = False
         self.stale_dropped = 0  # re-delivered messages below our positions (see _drop_stale)
         if config.resume_from_committed:
@@ -145,11 +147,13 @@ class KafkaSource:
         if topic is None or topic.error is not None or not topic.partitions:
             self._errors.warning("topic %s not available yet: %s", self.topic, None if topic is None else topic.error)
             return False
-        partitions = sorted(topic.partitions)
+        wanted = self.config.only_partitions
+        partitions = sorted(p for p in topic.partitions if wanted is None or p in wanted)
         self._consumer.assign([self._tp(p) for p in partitions])
         if self._paused:
             self._consumer.pause([self._tp(p) for p in partitions])
         self._assigned = partitions
+        self._unassigned = False
         if self._listener is not None:
             self._listener.on_assign(partitions)
         return True
@@ -180,7 +184,7 @@ class KafkaSource:
     def consume(self, max_messages: int, timeout: float) -> MessageBatch:
         """Up to ``max_messages`` data messages; an empty batch on timeout or trouble."""
         batch = MessageBatch()
-        if self.config.mode == "assign" and not self._assigned and not self._assign_all():
+        if self._unassigned and not self._assign_all():
             time.sleep(min(timeout, self.config.error_backoff_s))
             return batch
         try:

@@ -17,9 +17,9 @@ from a checkpoint reproduces the uninterrupted run bit for bit.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -50,6 +50,22 @@ class EventClockedEmbedding(nn.Module):
         return self.inner(ids, now_ms=self.now_ms)
 
 
+EmbeddingFactory = Callable[..., DynamicEmbedding]  # (config, *, device, cold_tier) -> a table module
+
+
+class Replicas(Protocol):
+    """Data parallelism applied from outside (``streamtrain/distributed``): every replica
+    steps on the same whole batch, runs its share of the rows through the model, and the
+    replicas' gradients meet before the optimizer step."""
+
+    def forward(self, model: RecModel, batch: Mapping[str, torch.Tensor]
+                ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
+        """The whole batch's outputs, the loss and its parts, like ``model`` + ``model.loss``."""
+
+    def reduce_gradients(self, parameters: Iterable[nn.Parameter]) -> None:
+        """After backward: make every replica's dense gradients the whole batch's."""
+
+
 @dataclass(frozen=True)
 class Predictions:
     """Prequential predictions of one batch (before the update), on the host."""
@@ -68,11 +84,13 @@ class StepResult:
 
 
 def build_trainer(config: StreamtrainConfig, device: torch.device,
-                  cold_tier: Callable[[str], ColdTier | None] = lambda name: None) -> Trainer:
-    """The trainer a config describes (model, the three tables, dense learning rate, seed)."""
+                  cold_tier: Callable[[str], ColdTier | None] = lambda name: None,
+                  embedding: EmbeddingFactory = DynamicEmbedding, replicas: Replicas | None = None) -> Trainer:
+    """The trainer a config describes (model, the three tables, dense learning rate, seed);
+    ``embedding`` and ``replicas`` are the scale-out seams (``streamtrain/distributed``)."""
     tables = {name: getattr(config.embeddings, name) for name in EMBEDDING_KEYS}
     return Trainer(config.model, tables, learning_rate=config.trainer.learning_rate, seed=config.trainer.seed,
-                   device=device, cold_tier=cold_tier)
+                   device=device, cold_tier=cold_tier, embedding=embedding, replicas=replicas)
 
 
 def pick_device(setting: str) -> torch.device:
@@ -93,6 +111,8 @@ class Trainer:
         seed: int,
         device: torch.device,
         cold_tier: Callable[[str], ColdTier | None] = lambda name: None,
+        embedding: EmbeddingFactory = DynamicEmbedding,
+        replicas: Replicas | None = None,
     ) -> None:
         if sorted(tables) != sorted(EMBEDDING_KEYS):
             raise ValueError(f"need embedding tables {EMBEDDING_KEYS}, got {sorted(tables)}")
@@ -102,10 +122,11 @@ class Trainer:
         self._seed = seed
         torch.manual_seed(seed)
         self.device = device
-        self.tables = {name: DynamicEmbedding(cfg, device=device, cold_tier=cold_tier(name)) for name, cfg in tables.items()}
+        self.tables = {name: embedding(cfg, device=device, cold_tier=cold_tier(name)) for name, cfg in tables.items()}
         self._clocked = {name: EventClockedEmbedding(t) for name, t in self.tables.items()}
         self.model = RecModel(model_config, self._clocked).to(device)
         self.optimizer = torch.optim.Adam(self.model.dense_parameters(), lr=learning_rate)
+        self._replicas = replicas  # None: this process trains every row of a batch
         # bf16 autocast on CUDA only: CPU autocast would make CPU runs slower and inexact.
         self._autocast = device.type == "cuda"
         self.steps = 0
@@ -129,13 +150,20 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
-            with record_function("step.forward"):
-                outputs = self.model(tensors)
-            with record_function("step.loss"):
-                total, parts = self.model.loss(tensors, outputs)
+            if self._replicas is None:
+                with record_function("step.forward"):
+                    outputs = self.model(tensors)
+                with record_function("step.loss"):
+                    total, parts = self.model.loss(tensors, outputs)
+            else:
+                with record_function("step.forward"):
+                    outputs, total, parts = self._replicas.forward(self.model, tensors)
         scores = torch.stack([outputs["p_ctr"].detach(), outputs["p_ctcvr"].detach()]).float()  # (2, B)
         with record_function("step.backward"):
             total.backward()
+        if self._replicas is not None:
+            with record_function("step.reduce_gradients"):
+                self._replicas.reduce_gradients(self.model.dense_parameters())
         with record_function("step.dense_optimizer"):
             self.optimizer.step()
         with record_function("step.sparse_update"):

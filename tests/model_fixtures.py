@@ -148,6 +148,7 @@ class SyntheticWorld:
             "item_ctr_prior": self.click_prob(np.arange(1, self.n_users + 1)[:, None], items).mean(0),
             "partition": np.zeros(b, dtype=np.int32),
             "offset": np.arange(b),
+            "emit_ms": ts + 60_000,
         }
         batch = {name: np.ascontiguousarray(batch[name], dtype=spec.dtype) for name, spec in SAMPLE_FIELDS.items()}
         validate_batch(batch)

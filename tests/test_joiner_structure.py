@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from consumers.dedupe import NEW, DedupeWindow
 from consumers.joinindex import OpenExposures
+from consumers.negatives import ItemPool
 from consumers.schema import EventBatch
 from consumers.state import flatten_state, states_equal, unflatten_state
 
@@ -115,3 +116,17 @@ def test_no_consumers_module_reads_another_objects_private_attributes() -> None:
                 offences += [f"{path.name}:{node.lineno} imports {a.name}" for a in node.names
                              if a.name.startswith("_")]
     assert offences == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(items=st.lists(st.integers(1, 50), max_size=40), size=st.integers(1, 8), cuts=st.lists(st.integers(0, 40), max_size=4))
+def test_item_pool_ring_does_not_depend_on_how_its_input_was_chunked(items: list[int], size: int, cuts: list[int]) -> None:
+    """The joiner observes one chunk per segment, and its segments follow its advances;
+    a chunk longer than the ring used to land at other places than the same items fed
+    in smaller chunks, so the negatives depended on when the joiner advanced."""
+    whole, chunked = ItemPool(size), ItemPool(size)
+    whole.observe(np.array(items, np.int64))
+    bounds = [0, *sorted(min(c, len(items)) for c in cuts), len(items)]
+    for lo, hi in zip(bounds, bounds[1:]):
+        chunked.observe(np.array(items[lo:hi], np.int64))
+    assert states_equal(whole.state_dict(), chunked.state_dict())

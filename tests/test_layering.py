@@ -3,7 +3,8 @@
 * Leaf packages (consumers, monitors, checkpoints) never import ``streamtrain``; monitors
   and checkpoints may use the sample contract of consumers, nothing else of each other.
 * Building blocks inside ``streamtrain/`` never reach up into the wiring (trainer,
-  runtime, cli); ``runtime`` is imported only by ``cli`` (the process is started there);
+  runtime, distributed, cli); ``runtime`` and ``distributed`` (the single-process daemon
+  and the scale-out ranks) are imported only by ``cli``, and never by each other;
   ``report`` sits below both (the runtime uses its file layout, the CLI draws with it).
 * No import cycles between modules (lazy and ``TYPE_CHECKING`` imports included: a cycle
   hidden in a function is still a cycle of the design). A package's ``__init__``
@@ -25,7 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("streamtrain", "consumers", "monitors", "checkpoints")
 LEAVES = ("consumers", "monitors", "checkpoints")
 BLOCKS = ("simulator", "services", "embedding", "ops", "modules")
-WIRING = ("streamtrain.trainer", "streamtrain.retrieval", "streamtrain.runtime", "streamtrain.cli")
+WIRING = ("streamtrain.trainer", "streamtrain.retrieval", "streamtrain.runtime", "streamtrain.distributed",
+          "streamtrain.cli")
 # Third-party names that start with an underscore but are their library's public surface
 # (the rule is about our own objects), each with its reason.
 UNDERSCORE_ALLOWED = {
@@ -100,12 +102,13 @@ def test_building_blocks_do_not_import_the_wiring(block: str) -> None:
                 assert not _inside(target, *WIRING), f"{module} imports {target}"
 
 
-def test_runtime_is_imported_only_by_the_cli() -> None:
+@pytest.mark.parametrize("process", ["streamtrain.runtime", "streamtrain.distributed"])
+def test_process_packages_are_imported_only_by_the_cli(process: str) -> None:
     for module in _modules():
-        if _inside(module, "streamtrain.runtime", "streamtrain.cli"):
+        if _inside(module, process, "streamtrain.cli"):
             continue
         for target in _edges(module):
-            assert not _inside(target, "streamtrain.runtime"), f"{module} imports {target}"
+            assert not _inside(target, process), f"{module} imports {target}"
 
 
 def test_the_report_reads_files_below_the_wiring() -> None:
@@ -124,7 +127,8 @@ def test_top_level_modules_stay_below_the_wiring() -> None:
     """config and trainer are used by the runtime and the CLI, never the other way round."""
     for module in ("streamtrain.config", "streamtrain.config_docs", "streamtrain.trainer"):
         for target in _edges(module):
-            assert not _inside(target, "streamtrain.runtime", "streamtrain.cli"), f"{module} imports {target}"
+            assert not _inside(target, "streamtrain.runtime", "streamtrain.distributed", "streamtrain.cli"), \
+                f"{module} imports {target}"
 
 
 def test_no_import_cycles() -> None:

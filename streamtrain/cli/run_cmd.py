@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 
 from streamtrain.cli.common import add_config_flags, config_from_args, print_json, stop_event_on_signals
 from streamtrain.cli.logs import live_console
@@ -26,10 +27,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--stop-after-samples", type=int, metavar="N",
                         help="stop (with a final checkpoint) once N samples are trained: a deterministic end point")
     parser.add_argument("--json", action="store_true", help="print the run summary as one JSON object")
+    scale = parser.add_argument_group(
+        "scale-out", "several workers: partitions, rows of each batch and embedding shards split over ranks, one "
+        "consistent checkpoint (docs/architecture.md, Scale-out). No publishing, metrics or control endpoint.")
+    workers = scale.add_mutually_exclusive_group()
+    workers.add_argument("--workers", type=int, metavar="N",
+                         help="start N worker processes on this host and restart them together when one fails")
+    workers.add_argument("--distributed", action="store_true",
+                         help="run as one rank of a scale-out run, identified by torchrun's RANK, WORLD_SIZE, "
+                              "LOCAL_RANK, MASTER_ADDR, MASTER_PORT (torchrun -m streamtrain run --distributed ...)")
+    scale.add_argument("--max-restarts", type=int, default=3, metavar="K",
+                       help="--workers: restarts of the whole group after a worker failed (default 3)")
+    scale.add_argument("--collective-timeout-s", type=float, default=300.0, metavar="S",
+                       help="a rank waiting this long on a stalled peer fails (and is restarted) (default 300)")
     parser.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.workers is not None or args.distributed:
+        return _run_scaled_out(args)
     from streamtrain.runtime import Daemon  # heavy imports (torch) only when running
     from streamtrain.runtime.live import StatusView
 
@@ -44,3 +60,43 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         print_json(dataclasses.asdict(summary))
     return 0
+
+
+def _run_scaled_out(args: argparse.Namespace) -> int:
+    from streamtrain.cli.exit_codes import InputError
+
+    if args.warm_start is not None:
+        raise InputError("--warm-start is for a single worker; scale out from the warm-started run's checkpoints")
+    config = config_from_args(args)  # fails here, once, before any worker starts
+    if args.workers is not None:
+        if args.workers < 1:
+            raise InputError("--workers must be at least 1")
+        from streamtrain.distributed.launcher import launch
+
+        return launch(lambda attempt: _rank_argv(args, restart=attempt > 0), args.workers, stop=stop_event_on_signals(), max_restarts=args.max_restarts,
+                      timeout_s=args.collective_timeout_s)
+    from streamtrain.distributed.run import run_rank  # heavy imports (torch) only when running
+
+    rank, summary = run_rank(config, stop=stop_event_on_signals(), resume_from=args.resume_from,
+                             stop_after_samples=args.stop_after_samples, timeout_s=args.collective_timeout_s)
+    if args.json and rank == 0:
+        print_json(dataclasses.asdict(summary))
+    return 0
+
+
+def _rank_argv(args: argparse.Namespace, restart: bool) -> list[str]:
+    """The command line of one rank: this one, as ``--distributed``; a restart resumes from
+    the latest checkpoint, not from ``--from``."""
+    argv = [sys.executable, "-m", "streamtrain", "--log-level", args.log_level, "--log-format", args.log_format, "run",
+            "--distributed", "--collective-timeout-s", str(args.collective_timeout_s)]
+    if args.config is not None:
+        argv += ["--config", str(args.config)]
+    for override in args.overrides:
+        argv += ["--set", override]
+    if args.resume_from is not None and not restart:
+        argv += ["--from", args.resume_from]
+    if args.stop_after_samples is not None:
+        argv += ["--stop-after-samples", str(args.stop_after_samples)]
+    if args.json:
+        argv.append("--json")
+    return argv
