@@ -70,8 +70,8 @@ class FastDecoder:
 
     def columns(self, values: Sequence[bytes], max_ts: int,
                 keys: Sequence[bytes | None] | None) -> tuple[list[list[Any]], np.ndarray]:
-        """The events' fields, one list per :data:`ROW_FIELDS` entry (absent feature objects
-        None), and a mask of the messages it vouches for; the others' entries are
+        """The events' fields, one list per :data:`ROW_FIELDS` entry (an absent feature
+        object is ``msgspec.UNSET``, falsy like the slow path's None), and a mask of the messages it vouches for; the others' entries are
         placeholders for the slow path to decide and overwrite. ``max_ts``: the ts bound
         of this call (the clock may lower it); ``keys``: the message keys for the key
         rule, or None."""
@@ -86,9 +86,6 @@ class FastDecoder:
         names = np.full(n, len(REQUIRED), np.int64)  # names in each message, for the duplicate check
         for scope in columns[6:]:
             names += np.fromiter([0 if d is msgspec.UNSET else 1 + len(d) if d else 1 for d in scope], np.int64, n)
-        for scope in range(6, 9):
-            if msgspec.UNSET in columns[scope]:
-                columns[scope] = [None if d is msgspec.UNSET else d for d in columns[scope]]
         if max_ts < self._max_ts:
             ok &= np.array(columns[2], np.int64) <= max_ts
         # Outside strings each name has exactly one ':', and no other ':' is there: equal

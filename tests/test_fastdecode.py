@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
 import numpy as np
 import orjson
 from hypothesis import HealthCheck, given, settings
@@ -65,7 +66,7 @@ def test_fast_path_and_validator_agree(messages: list[tuple[bytes, bytes | None]
         if ok[j]:
             reason, ev = reference[i]
             assert reason == "", (values[i], reason)
-            fast = [column[j] for column in columns]
+            fast = [None if column[j] is msgspec.UNSET else column[j] for column in columns]
             slow = [ev.get(name) for name in ROW_FIELDS]
             assert fast == slow and list(map(type, fast)) == list(map(type, slow))
     out = EventDecoder(CONFIG, SPARSE, DENSE).decode(values, [0] * len(values), list(range(len(values))), keys)
