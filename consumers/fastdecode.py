@@ -71,10 +71,10 @@ class FastDecoder:
     def columns(self, values: Sequence[bytes], max_ts: int,
                 keys: Sequence[bytes | None] | None) -> tuple[list[list[Any]], np.ndarray]:
         """The events' fields, one list per :data:`ROW_FIELDS` entry (an absent feature
-        object is ``msgspec.UNSET``, falsy like the slow path's None), and a mask of the messages it vouches for; the others' entries are
-        placeholders for the slow path to decide and overwrite. ``max_ts``: the ts bound
-        of this call (the clock may lower it); ``keys``: the message keys for the key
-        rule, or None."""
+        object is ``msgspec.UNSET``, falsy like the slow path's None), and a mask of the
+        messages it vouches for; the others' entries are placeholders for the slow path to
+        decide and overwrite. ``max_ts``: the ts bound of this call (the clock may lower
+        it); ``keys``: the message keys for the key rule, or None."""
         n = len(values)
         ok = np.ones(n, bool)
         try:
