@@ -102,7 +102,7 @@ class KafkaSource:
         self._assigned: list[int] = []
         self._unassigned = config.mode == "assign"  # assign mode: until the topic's partitions were taken
         self._paused = False
-        self.stale_dropped = 0  # re-delivered messages below our positions (see _fresh)
+        self.stale_dropped = 0  # re-delivered messages below our positions (see fresh)
         if config.resume_from_committed:
             self._start = OFFSET_INVALID  # librdkafka: committed offset, else auto.offset.reset
         else:
@@ -203,7 +203,7 @@ class KafkaSource:
         # Columns with C-level loops: a poll is thousands of messages.
         partitions = np.fromiter(map(Message.partition, messages), np.int64, len(messages))
         offsets = np.fromiter(map(Message.offset, messages), np.int64, len(messages))
-        keep = self._fresh(partitions, offsets)
+        keep = fresh(self._positions, partitions, offsets)
         if not keep.all():
             self.stale_dropped += int((~keep).sum())
             messages = [m for m, fresh in zip(messages, keep.tolist()) if fresh]
@@ -222,26 +222,6 @@ class KafkaSource:
         batch.offsets = offsets.tolist()
         batch.keys = list(map(Message.key, messages))
         return batch
-
-    def _fresh(self, partitions: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-        """Which messages are at or beyond their partition's next expected offset, moving
-        the positions on past them.
-
-        Hazard: a ``seek`` (a restore from a checkpoint) issued just after ``assign`` can
-        race librdkafka's first fetch, which then delivers messages from the old position.
-        Delivering them would train them twice; positions are the truth, so anything
-        before them is a stale re-delivery. Forward gaps are normal (compaction, markers).
-        """
-        keep = np.ones(len(offsets), np.bool_)
-        for partition in np.unique(partitions).tolist():
-            at = np.flatnonzero(partitions == partition)
-            mine = offsets[at]
-            # A message is expected at or past every earlier one + 1 (a stale one is below
-            # that bound already, so counting it changes nothing) and the stored position.
-            floor = np.maximum.accumulate(np.concatenate(([self._positions.get(partition, -1)], mine[:-1] + 1)))
-            keep[at] = mine >= floor
-            self._positions[partition] = max(self._positions.get(partition, -1), int(mine.max()) + 1)
-        return keep
 
     def _client_trouble(self, err: KafkaError | None, what: object) -> None:
         if isinstance(err, KafkaError) and err.fatal():
@@ -322,3 +302,24 @@ class KafkaSource:
 
     def close(self) -> None:
         self._consumer.close()
+
+
+def fresh(positions: dict[int, int], partitions: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Which messages (in delivery order) are at or beyond their partition's next
+    expected offset; moves ``positions`` (partition -> next offset) on past them.
+
+    Hazard: a ``seek`` (a restore from a checkpoint) issued just after ``assign`` can
+    race librdkafka's first fetch, which then delivers messages from the old position.
+    Delivering them would train them twice; positions are the truth, so anything
+    before them is a stale re-delivery. Forward gaps are normal (compaction, markers).
+    """
+    keep = np.ones(len(offsets), np.bool_)
+    for partition in np.unique(partitions).tolist():
+        at = np.flatnonzero(partitions == partition)
+        mine = offsets[at]
+        # A message is expected at or past every earlier one + 1 (a stale one is below
+        # that bound already, so counting it changes nothing) and the stored position.
+        floor = np.maximum.accumulate(np.concatenate(([positions.get(partition, -1)], mine[:-1] + 1)))
+        keep[at] = mine >= floor
+        positions[partition] = max(positions.get(partition, -1), int(mine.max()) + 1)
+    return keep
