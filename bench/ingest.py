@@ -14,8 +14,12 @@ same messages, alternately:
   every exposure leaves as a finished sample; default ``JoinerConfig``.
 
 The benchmark process is pinned to one core and the broker to the other (2-core
-machines). Rates are events per wall second, best of ``--repeats`` (the machine is
-shared: background load only ever adds time). The last line is one JSON object.
+machines). Each path is measured two ways, best of ``--repeats`` (the machine is shared:
+background load only ever adds time): events per wall second, and CPU µs per event of the
+consuming thread (``time.thread_time``: what the Python side costs, whatever the broker
+or the neighbours do; librdkafka's fetch threads are not in it, for either path).
+``ratio`` is joiner/raw events per second, ``cpu_ratio`` raw/joiner CPU per event: both
+1.0 would mean joining is free. The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import cProfile
 import os
 import pstats
 import time
+from dataclasses import dataclass
 
 import orjson
 from confluent_kafka import Consumer, Producer, TopicPartition
@@ -62,22 +67,28 @@ def produce(bootstrap: str, n_events: int) -> int:
     return len(events)
 
 
-def time_raw(bootstrap: str, total: int, run: int) -> float:
+@dataclass(frozen=True)
+class Timing:
+    wall_s: float
+    cpu_s: float  # CPU time of the consuming thread
+
+
+def time_raw(bootstrap: str, total: int, run: int) -> Timing:
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"raw-{run}", "enable.auto.commit": False})
     consumer.assign([TopicPartition(TOPIC, p, 0) for p in range(PARTITIONS)])
     seen = 0
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.thread_time()
     while seen < total:
         for m in consumer.consume(min(POLL, total - seen), 1.0):  # never wait for messages that do not exist
             if m.error() is None:
                 orjson.loads(m.value())
                 seen += 1
-    elapsed = time.perf_counter() - start
+    timing = Timing(time.perf_counter() - start, time.thread_time() - cpu)
     consumer.close()
-    return elapsed
+    return timing
 
 
-def time_joiner(bootstrap: str, total: int, run: int) -> tuple[float, int]:
+def time_joiner(bootstrap: str, total: int, run: int) -> tuple[Timing, int]:
     joiner_cfg = JoinerConfig()
     source = KafkaSource(KafkaSourceConfig(bootstrap_servers=bootstrap, topic=TOPIC, group_id=f"joiner-{run}",
                                            mode="assign"))
@@ -89,16 +100,16 @@ def time_joiner(bootstrap: str, total: int, run: int) -> tuple[float, int]:
     )
     batched = BatchedPipeline(pipeline, 256)  # fixed-size training batches, cut as the daemon cuts them
     samples = 0
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.thread_time()
     while pipeline.stats["messages"] < total:
         remaining = total - pipeline.stats["messages"]
         samples += sum(len(b["sample_id"]) for b in batched.poll(min(POLL, remaining), 1.0))
     samples += sum(len(b["sample_id"]) for b in batched.flush())
-    elapsed = time.perf_counter() - start
+    timing = Timing(time.perf_counter() - start, time.thread_time() - cpu)
     pipeline.close()
     if sum(pipeline.dlq_counts.values()):
         raise RuntimeError(f"valid benchmark events were rejected: {pipeline.dlq_counts}")
-    return elapsed, samples
+    return timing, samples
 
 
 def pin(pid: int, cpus: set[int]) -> None:
@@ -131,20 +142,27 @@ def main() -> None:
         bootstrap = broker.bootstrap_servers
         runs = interleaved({"raw": lambda run: time_raw(bootstrap, total, run),
                             "joiner": lambda run: time_joiner(bootstrap, total, run)}, repeats)
-        raw_s: list[float] = runs["raw"]
-        joiner_s, samples_per_run = zip(*runs["joiner"])
-        for run, (raw, joined, samples) in enumerate(zip(raw_s, joiner_s, samples_per_run)):
-            print(f"run {run}: raw {total / raw:,.0f} events/s, joiner {total / joined:,.0f} events/s "
+        raw_t: list[Timing] = runs["raw"]
+        joiner_t, samples_per_run = zip(*runs["joiner"])
+        for run, (raw, joined, samples) in enumerate(zip(raw_t, joiner_t, samples_per_run)):
+            print(f"run {run}: raw {total / raw.wall_s:,.0f} events/s {raw.cpu_s / total * 1e6:.2f} cpu µs/event, "
+                  f"joiner {total / joined.wall_s:,.0f} events/s {joined.cpu_s / total * 1e6:.2f} cpu µs/event "
                   f"({samples} samples)")
         if args.profile:
             profiler = cProfile.Profile()
             profiler.runcall(time_joiner, bootstrap, total, repeats)
             pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
-    raw_rate, joiner_rate = total / min(raw_s), total / min(joiner_s)
+            pstats.Stats(profiler).sort_stats("cumulative").print_stats(45)
+    raw_rate = total / min(t.wall_s for t in raw_t)
+    joiner_rate = total / min(t.wall_s for t in joiner_t)
+    raw_us = min(t.cpu_s for t in raw_t) / total * 1e6
+    joiner_us = min(t.cpu_s for t in joiner_t) / total * 1e6
     print_result({
         "benchmark": "ingest", "events": total, "samples": samples_per_run[-1], "repeats": repeats,
         "raw_events_per_s": round(raw_rate), "joiner_events_per_s": round(joiner_rate),
-        "ratio": round(joiner_rate / raw_rate, 3), "machine": machine,
+        "ratio": round(joiner_rate / raw_rate, 3),
+        "raw_cpu_us_per_event": round(raw_us, 3), "joiner_cpu_us_per_event": round(joiner_us, 3),
+        "cpu_ratio": round(raw_us / joiner_us, 3), "machine": machine,
     })
 
 

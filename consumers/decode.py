@@ -19,9 +19,11 @@ import numpy as np
 import orjson
 
 from consumers.config import DecoderConfig
-from consumers.hashing import HashMemo, mix_ids
+from consumers.fastdecode import ROW_FIELDS, FastDecoder, Row
+from consumers.hashing import HashMemo, hash_ids, hash_unique, mix_ids
 from consumers.reasons import Reason, Rejection
-from consumers.schema import MAX_EVENT_ID_LEN, Action, EventBatch, hash_feature, hash_id
+from consumers.repeats import repeated_name
+from consumers.schema import MAX_EVENT_ID_LEN, Action, EventBatch
 
 _TYPE_CODES = {"exposure": int(Action.EXPOSURE), "click": int(Action.CLICK), "convert": int(Action.CONVERT)}
 _EXPOSURE = int(Action.EXPOSURE)
@@ -29,6 +31,7 @@ _REQUIRED = ("event_id", "type", "ts", "user_id", "item_id", "request_id")
 _FEATURE_SCOPES = {"user": "user_features", "item": "item_features", "context": "context"}
 _SCOPE_FIELDS = tuple(_FEATURE_SCOPES.values())
 _SCALAR_TYPES = frozenset((str, int, float))
+_STR_OR_NONE = frozenset((str, type(None)))
 _FEATURE_MEMO = 1 << 16  # distinct values remembered per sparse feature
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc, fixed across Unicode versions
 _INT64: Final = 2**63
@@ -67,8 +70,9 @@ class EventDecoder:
     ``<scope>.<name>`` features, in column order. ``clock`` (ms since epoch) is read only
     when ``max_clock_skew_ms`` is set.
 
-    The loop has a fast path for well-formed events; anything it does not accept goes
-    through :meth:`validate`, the authoritative check that names the reason.
+    A native fast path (:mod:`consumers.fastdecode`) decodes well-formed events; anything
+    it does not vouch for goes through :meth:`validate`, the authoritative check that
+    names the reason. Columns are then filled over the whole batch at once.
     """
 
     def __init__(self, config: DecoderConfig, sparse: Sequence[str], dense: Sequence[str],
@@ -76,9 +80,12 @@ class EventDecoder:
         self.config = config
         self._names = (tuple(sparse), tuple(dense))
         scope_index = {scope: i for i, scope in enumerate(_FEATURE_SCOPES)}
-        self._sparse = [(scope_index[s], n, f"{s}.{n}", {}) for s, _, n in (f.partition(".") for f in sparse)]
+        # per sparse feature: scope, name, "scope.name", memo of value -> hash (None -> 0: missing)
+        self._sparse: list[tuple[int, str, str, dict[Any, int]]] = [
+            (scope_index[s], n, f"{s}.{n}", {None: 0}) for s, _, n in (f.partition(".") for f in sparse)]
         self._dense = [(scope_index[s], n) for s, _, n in (f.partition(".") for f in dense)]
         self._memo = HashMemo()
+        self._fast = FastDecoder(config.min_ts_ms, config.max_ts_ms, config.max_id_chars)
         if config.max_clock_skew_ms is not None and clock is None:
             raise ValueError("max_clock_skew_ms needs a clock")
         self._clock = clock
@@ -97,120 +104,87 @@ class EventDecoder:
         max_ts = cfg.max_ts_ms
         if self._clock is not None and cfg.max_clock_skew_ms is not None:
             max_ts = min(max_ts, self._clock() + cfg.max_clock_skew_ms)
-        min_ts, max_bytes, max_id = cfg.min_ts_ms, cfg.max_message_bytes, cfg.max_id_chars
         if not cfg.check_key:
             keys = None
-        ts_l: list[int] = []
-        type_l: list[int] = []
-        eid_l: list[int] = []
-        user_l: list[int] = []
-        item_l: list[int] = []
-        req_l: list[int] = []
-        keep: list[int] = []  # index of each accepted message
-        sparse_l: list[int] = []  # flat (n * S)
-        dense_l: list[float] = []  # flat (n * D)
+        n = len(values)
+        if None not in values and 0 < min(map(len, values), default=1) and max(map(len, values), default=0) <= cfg.max_message_bytes:
+            columns, ok = self._fast.columns(values, max_ts, keys)  # type: ignore[arg-type]  # no None among them
+        else:  # tombstones or size outliers: the slow path rejects them, the fast path takes the others
+            sized = [i for i, v in enumerate(values) if v and len(v) <= cfg.max_message_bytes]
+            part, part_ok = self._fast.columns([values[i] for i in sized], max_ts,  # type: ignore[misc]
+                                               None if keys is None else [keys[i] for i in sized])
+            columns = [[None] * n for _ in ROW_FIELDS]
+            for column, values_of in zip(columns, part):
+                for i, value in zip(sized, values_of):
+                    column[i] = value
+            ok = np.zeros(n, bool)
+            ok[sized] = part_ok
         rejections: list[Rejection] = []
+        if not ok.all():
+            for i in np.flatnonzero(~ok).tolist():
+                verdict = self._slow(values[i], max_ts, UNKEYED if keys is None else keys[i])
+                if type(verdict) is tuple:
+                    ok[i] = True
+                    for column, value in zip(columns, verdict):
+                        column[i] = value
+                else:
+                    rejections.append(Rejection(*verdict, values[i], partitions[i], offsets[i]))  # type: ignore[misc]
+        keep = np.flatnonzero(ok)
+        if len(keep) < n:
+            at = keep.tolist()
+            columns = [[column[i] for i in at] for column in columns]
+            values = [values[i] for i in at]
         counters = dict.fromkeys(DECODE_COUNTERS, 0)
-        memo = self._memo
-        known = memo.ids  # user/item ids accepted before: their checks passed then
-        id_of = known.get
-        no_sparse = [0] * len(self._sparse)
-        no_dense = [math.nan] * len(self._dense)
-        request_memo: dict[str, int] = {}  # a request's items arrive together
-        loads, type_codes, scalar = orjson.loads, _TYPE_CODES, _SCALAR_TYPES.__contains__
-        for i, value in enumerate(values):
-            if not value:
-                rejections.append(Rejection(Reason.EMPTY, "null or empty message value", value, partitions[i], offsets[i]))
-                continue
-            if len(value) > max_bytes:
-                rejections.append(Rejection(Reason.OVERSIZED, f"{len(value)} bytes > {max_bytes}", value,
-                                            partitions[i], offsets[i]))
-                continue
-            try:
-                ev = loads(value)
-            except orjson.JSONDecodeError as exc:
-                rejections.append(Rejection(Reason.NOT_JSON, str(exc)[:200], value, partitions[i], offsets[i]))
-                continue
-            if type(ev) is dict:  # fast path: every check of validate(), inline; anything unusual goes there
-                get = ev.get
-                eid, kind, ts = get("event_id"), get("type"), get("ts")
-                user, item, request = get("user_id"), get("item_id"), get("request_id")
-                scopes = uf, itf, cx = get("user_features"), get("item_features"), get("context")
-                etype = type_codes.get(kind) if type(kind) is str else None
-                # ids: isprintable() (no Cc) and not isspace() imply not _bad_id(); what they refuse (non-ASCII
-                # spaces, format characters) validate() judges. Ids in the memos passed these checks before.
-                fast = (etype is not None and type(eid) is str and 0 < len(eid) <= MAX_EVENT_ID_LEN
-                        and eid.isprintable() and not eid.isspace()
-                        and type(ts) is int and min_ts <= ts <= max_ts
-                        and type(request) is str and (request in request_memo or (
-                            0 < len(request) <= max_id and request.isprintable() and not request.isspace()))
-                        and (type(user) is int or (type(user) is str and (user in known or (
-                            0 < len(user) <= max_id and user.isprintable() and not user.isspace()))))
-                        and (type(item) is int or (type(item) is str and (item in known or (
-                            0 < len(item) <= max_id and item.isprintable() and not item.isspace()))))
-                        and (uf is None or (type(uf) is dict and all(map(scalar, map(type, uf.values())))))
-                        and (itf is None or (type(itf) is dict and all(map(scalar, map(type, itf.values())))))
-                        and (cx is None or (type(cx) is dict and all(map(scalar, map(type, cx.values())))))
-                        # the key rule; user.encode() == key_for_user(user): orjson strings are valid UTF-8
-                        and (keys is None or keys[i] == (user.encode() if type(user) is str else b"%d" % user))
-                        # one ':' per name outside strings: equal counts prove no name was repeated
-                        and (value.count(b":") == len(ev) + (len(uf) if uf else 0) + (len(itf) if itf else 0)
-                             + (len(cx) if cx else 0) or _repeated_name(value, ev) is None))
-            else:
-                fast = False
-            if not fast:
-                problem = self.validate(ev, max_ts, raw=value, key=UNKEYED if keys is None else keys[i])
-                if problem is not None:
-                    rejections.append(Rejection(problem[0], problem[1], value, partitions[i], offsets[i]))
-                    continue
-                eid, ts, user, item, request = ev["event_id"], ev["ts"], ev["user_id"], ev["item_id"], ev["request_id"]
-                etype = type_codes[ev["type"]]
-                scopes = ev.get("user_features"), ev.get("item_features"), ev.get("context")
-            keep.append(i)
-            ts_l.append(ts)
-            type_l.append(etype)
-            eid_l.append(hash_id(eid))
-            h = id_of(user)
-            user_l.append(memo.id(user) if h is None else h)
-            h = id_of(item)
-            item_l.append(memo.id(item) if h is None else h)
-            h = request_memo.get(request)
-            if h is None:
-                h = request_memo[request] = hash_id(request)
-            req_l.append(h)
-            if etype == _EXPOSURE:
-                self._features(scopes, sparse_l, dense_l, counters)
-            else:
-                sparse_l += no_sparse
-                dense_l += no_dense
-        events = self._columns(keep, values, partitions, offsets, ts_l, type_l, eid_l, user_l, item_l, req_l,
-                               sparse_l, dense_l, counters)
+        events = self._columns(columns, values, np.asarray(partitions, np.int32)[keep],  # type: ignore[arg-type]
+                               np.asarray(offsets, np.int64)[keep], counters)
         return Decoded(events, rejections, counters)
 
-    def _columns(self, keep: list[int], values: Sequence[bytes | None], partitions: Sequence[int],
-                 offsets: Sequence[int], ts: list[int], etype: list[int], eid: list[int], user: list[int],
-                 item: list[int], request: list[int], sparse: list[int], dense: list[float],
+    def _slow(self, value: bytes | None, max_ts: int, key: bytes | None | Unkeyed) -> Row | list[Any]:
+        """The authoritative path for one message the fast path did not vouch for: its
+        row, or ``[reason, detail]``."""
+        cfg = self.config
+        if not value:
+            return [Reason.EMPTY, "null or empty message value"]
+        if len(value) > cfg.max_message_bytes:
+            return [Reason.OVERSIZED, f"{len(value)} bytes > {cfg.max_message_bytes}"]
+        try:
+            ev = orjson.loads(value)
+        except orjson.JSONDecodeError as exc:
+            return [Reason.NOT_JSON, str(exc)[:200]]
+        problem = self.validate(ev, max_ts, raw=value, key=key)
+        if problem is not None:
+            return list(problem)
+        return tuple(ev.get(name) for name in ROW_FIELDS)
+
+    def _columns(self, columns: list[list[Any]], values: list[bytes], partitions: np.ndarray, offsets: np.ndarray,
                  counters: dict[str, int]) -> EventBatch:
-        n = len(keep)
-        item_arr = np.array(item, np.int64)
-        with np.errstate(over="ignore"):
-            dense_arr = np.array(dense, np.float32).reshape(n, len(self._dense))
-        overflow = np.isinf(dense_arr)  # JSON has no inf literal: every inf is a float32 overflow
-        if overflow.any():
-            dense_arr[overflow] = np.nan  # beyond float32 range: as good as missing
-            counters["dense_out_of_range"] += int(overflow.sum())
+        """Accepted events (one list per :data:`ROW_FIELDS` entry) to an EventBatch:
+        hashing and features vectorised over the batch."""
+        n = len(values)
+        if n == 0:
+            return EventBatch.empty(len(self._sparse), len(self._dense))
+        eid, kind, ts, user, item, request, *scopes = columns
+        etype = np.array(list(map(_TYPE_CODES.__getitem__, kind)), np.int8)
+        item_arr = self._memo.many(item)
+        exposures = np.flatnonzero(etype == _EXPOSURE)
+        sparse = np.zeros((n, len(self._sparse)), np.int64)
+        dense = np.full((n, len(self._dense)), np.nan, np.float32)
+        if len(exposures):
+            at = exposures.tolist()
+            feature_objects = [[column[i] for i in at] for column in scopes]
+            self._features(feature_objects, exposures, sparse, dense, counters)
         return EventBatch(
             ts=np.array(ts, np.int64),
-            etype=np.array(etype, np.int8),
-            eid=np.array(eid, np.int64),
-            user=np.array(user, np.int64),
+            etype=etype,
+            eid=hash_ids(eid),
+            user=self._memo.many(user),
             item=item_arr,
-            key=mix_ids(np.array(request, np.int64), item_arr),
-            partition=np.array([partitions[i] for i in keep], np.int32),
-            offset=np.array([offsets[i] for i in keep], np.int64),
-            sparse=np.array(sparse, np.int64).reshape(n, len(self._sparse)),
-            dense=dense_arr,
-            raw=_object_array([values[i] for i in keep]),
+            key=mix_ids(hash_unique(request), item_arr),
+            partition=partitions,
+            offset=offsets,
+            sparse=sparse,
+            dense=dense,
+            raw=_object_array(values),
         )
 
     def validate(self, ev: object, max_ts: int | None = None, *, raw: bytes | None = None,
@@ -278,38 +252,47 @@ class EventDecoder:
         if key != key_for_user(ev["user_id"]):
             raise _Invalid(Reason.KEY_MISMATCH, f"key {key[:100]!r} is not user_id {ev['user_id']!r}"[:300])
 
-    def _features(self, scopes: tuple[dict[str, Any] | None, ...], sparse: list[int], dense: list[float],
-                  counters: dict[str, int]) -> None:
-        """Append one exposure's declared features (``scopes``: the validated user, item
-        and context objects); count degraded values in ``counters``."""
-        for scope, name, full, cache in self._sparse:
-            feats = scopes[scope]
-            value = feats.get(name) if feats else None
-            if value is None:
-                sparse.append(0)
-                continue
-            if type(value) is str:
-                key = value
-            else:
-                key = (type(value), value)  # 1 == 1.0 as keys; "n=1" != "n=1.0"
-                if type(value) is float and not -_INT64 < value < _INT64:  # maybe an integer beyond 64 bits: digits lost
-                    counters["sparse_inexact_numbers"] += 1
-            h = cache.get(key)
-            if h is None:
-                if len(cache) >= _FEATURE_MEMO:
-                    cache.clear()
-                h = cache[key] = hash_feature(full, value)
-            sparse.append(h)
-        for scope, name in self._dense:
-            feats = scopes[scope]
-            value = feats.get(name) if feats else None
-            if type(value) is float or type(value) is int:
-                dense.append(float(value))  # beyond float32 range: counted in _columns
-            else:
-                # A number sent as a string is a producer/config type mismatch, not parsed: float()
-                # would also take "nan", "1_000" and " 12 ", a second contract nobody wrote down.
-                counters["dense_type_mismatches"] += value is not None
-                dense.append(math.nan)
+    def _features(self, scopes: list[list[dict[str, Any] | None]], rows: np.ndarray, sparse: np.ndarray,
+                  dense: np.ndarray, counters: dict[str, int]) -> None:
+        """Fill the declared features of the exposures at ``rows`` (``scopes``: their
+        user, item and context objects, column by column); count degraded values."""
+        for column, (scope, name, full, cache) in enumerate(self._sparse):
+            values = [d.get(name) if d else None for d in scopes[scope]]
+            sparse[rows, column] = self._sparse_hashes(values, full, cache, counters)
+        for column, (scope, name) in enumerate(self._dense):
+            values = [d.get(name) if d else None for d in scopes[scope]]
+            types = list(map(type, values))
+            # A number sent as a string is a producer/config type mismatch, not parsed: float()
+            # would also take "nan", "1_000" and " 12 ", a second contract nobody wrote down.
+            counters["dense_type_mismatches"] += types.count(str)
+            if types.count(str) or types.count(type(None)):
+                values = [v if t is float or t is int else math.nan for v, t in zip(values, types)]
+            with np.errstate(over="ignore"):
+                column_values = np.array(values, np.float64).astype(np.float32)
+            overflow = np.isinf(column_values)  # JSON has no inf literal: every inf is a float32 overflow
+            if overflow.any():
+                column_values[overflow] = np.nan  # beyond float32 range: as good as missing
+                counters["dense_out_of_range"] += int(overflow.sum())
+            dense[rows, column] = column_values
+
+    @staticmethod
+    def _sparse_hashes(values: list[Any], full: str, cache: dict[Any, int], counters: dict[str, int]) -> list[int]:
+        """hash_feature(full, value) of each value (0 where None), through the feature's memo."""
+        keys = values
+        if not set(map(type, values)) <= _STR_OR_NONE:
+            keys = [v if type(v) is str or v is None else (type(v), v) for v in values]  # 1 == 1.0 as keys; "n=1" != "n=1.0"
+            # maybe an integer beyond 64 bits: digits lost
+            counters["sparse_inexact_numbers"] += sum(type(v) is float and not -_INT64 < v < _INT64 for v in values)
+        hashes = list(map(cache.get, keys))
+        if None in hashes:
+            missing = [i for i, h in enumerate(hashes) if h is None]
+            if len(cache) + len(missing) > _FEATURE_MEMO:
+                cache.clear()
+                cache[None] = 0
+            fresh = hash_ids([f"{full}={values[i]}" for i in missing]).tolist()
+            for i, h in zip(missing, fresh):
+                hashes[i] = cache[keys[i]] = h
+        return hashes
 
 
 def key_for_user(user: str | int) -> bytes:
@@ -324,49 +307,8 @@ def _bad_id(value: str) -> bool:
 
 
 def _repeated_name(raw: bytes, ev: dict[str, Any]) -> str | None:
-    """A name that the event object, or one of its feature objects, holds twice in
-    ``raw`` (``ev`` parsed, where the last one won): ``"name"`` or ``"scope.name"``; else
-    None. Cheapest proof first."""
-    objects = [ev, *(d for d in (ev.get(s) for s in _SCOPE_FIELDS) if type(d) is dict)]
-    if raw.count(b":") == sum(map(len, objects)):
-        return None  # outside strings each name has one ':' and nothing else has one: no name was folded
-    if b"\\" not in raw:  # no escapes: every name is written verbatim, a repeated one twice
-        if all(raw.count(b'"%s"' % name.encode()) < 2 for obj in objects for name in obj):
-            return None
-    return _scan_repeated(raw)
-
-
-# A JSON string token, or a structural character that matters for names (',' does not).
-_TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\]:]')
-
-
-def _scan_repeated(raw: bytes) -> str | None:
-    """The exact check behind :func:`_repeated_name`: walk the tokens of ``raw`` (valid
-    JSON: orjson parsed it) without recursion, collecting the names of the top-level
-    object and of the feature objects directly under it."""
-    stack: list[set[str] | None] = []  # per open container: names seen, None where untracked
-    field = ""  # the top-level name whose value is being read
-    string = b""  # the last string token: a name when a ':' follows
-    for match in _TOKENS.finditer(raw):
-        token = match.group()
-        if token == b":":
-            name = orjson.loads(string)
-            if len(stack) == 1:
-                field = name
-            names = stack[-1]
-            if names is not None:
-                if name in names:
-                    return name if len(stack) == 1 else f"{field}.{name}"
-                names.add(name)
-        elif token == b"{":
-            stack.append(set() if not stack or (len(stack) == 1 and field in _SCOPE_FIELDS) else None)
-        elif token == b"[":
-            stack.append(None)
-        elif token in (b"}", b"]"):
-            stack.pop()
-        else:
-            string = token
-    return None
+    """A name the parsed event ``ev`` or one of its feature objects holds twice in ``raw``."""
+    return repeated_name(raw, [ev, *(d for d in (ev.get(s) for s in _SCOPE_FIELDS) if type(d) is dict)])
 
 
 def _object_array(items: list[bytes]) -> np.ndarray:

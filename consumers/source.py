@@ -23,7 +23,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, OFFSET_INVALID, Consumer, KafkaError, KafkaException, TopicPartition
+import numpy as np
+from confluent_kafka import (OFFSET_BEGINNING, OFFSET_END, OFFSET_INVALID, Consumer, KafkaError, KafkaException,
+                             Message, TopicPartition)
 
 from consumers.config import KafkaSourceConfig
 from consumers.markers import is_end_of_input
@@ -100,7 +102,7 @@ class KafkaSource:
         self._assigned: list[int] = []
         self._unassigned = config.mode == "assign"  # assign mode: until the topic's partitions were taken
         self._paused = False
-        self.stale_dropped = 0  # re-delivered messages below our positions (see _drop_stale)
+        self.stale_dropped = 0  # re-delivered messages below our positions (see fresh)
         if config.resume_from_committed:
             self._start = OFFSET_INVALID  # librdkafka: committed offset, else auto.offset.reset
         else:
@@ -192,42 +194,34 @@ class KafkaSource:
         except KafkaException as exc:
             self._client_trouble(exc.args[0] if exc.args else None, exc)
             return batch
-        failed = [m for m in messages if m.error() is not None]
-        for m in failed:
-            if m.error().code() != KafkaError._PARTITION_EOF:
-                self._client_trouble(m.error(), m.error())
-        if failed:
+        if any(map(Message.error, messages)):
+            failed = [m for m in messages if m.error() is not None]
+            for m in failed:
+                if m.error().code() != KafkaError._PARTITION_EOF:
+                    self._client_trouble(m.error(), m.error())
             messages = [m for m in messages if m.error() is None]
-        messages = self._drop_stale(messages)
-        self._positions.update({m.partition(): m.offset() + 1 for m in messages})  # last one wins
-        if any(not m.value() and is_end_of_input(m.value(), m.headers()) for m in messages):
+        # Columns with C-level loops: a poll is thousands of messages.
+        partitions = np.fromiter(map(Message.partition, messages), np.int64, len(messages))
+        offsets = np.fromiter(map(Message.offset, messages), np.int64, len(messages))
+        keep = fresh(self._positions, partitions, offsets)
+        if not keep.all():
+            self.stale_dropped += int((~keep).sum())
+            messages = [m for m, fresh in zip(messages, keep.tolist()) if fresh]
+            partitions, offsets = partitions[keep], offsets[keep]
+        values = list(map(Message.value, messages))
+        if None in values or b"" in values:  # maybe end-of-input markers (empty values with a header)
             ended = [not m.value() and is_end_of_input(m.value(), m.headers()) for m in messages]
-            batch.ended = sorted({m.partition() for m, end in zip(messages, ended) if end})
-            messages = [m for m, end in zip(messages, ended) if not end]
-        batch.values = [m.value() for m in messages]
-        batch.partitions = [m.partition() for m in messages]
-        batch.offsets = [m.offset() for m in messages]
-        batch.keys = [m.key() for m in messages]
+            if any(ended):
+                batch.ended = sorted({m.partition() for m, end in zip(messages, ended) if end})
+                messages = [m for m, end in zip(messages, ended) if not end]
+                values = [v for v, end in zip(values, ended) if not end]
+                data = ~np.array(ended, np.bool_)
+                partitions, offsets = partitions[data], offsets[data]
+        batch.values = values
+        batch.partitions = partitions.tolist()
+        batch.offsets = offsets.tolist()
+        batch.keys = list(map(Message.key, messages))
         return batch
-
-    def _drop_stale(self, messages: list[Any]) -> list[Any]:
-        """Drop messages below a partition's next expected offset.
-
-        Hazard: a ``seek`` (a restore from a checkpoint) issued just after ``assign`` can
-        race librdkafka's first fetch, which then delivers messages from the old position.
-        Delivering them would train them twice; positions are the truth, so anything
-        before them is a stale re-delivery. Forward gaps are normal (compaction, markers).
-        """
-        expected = dict(self._positions)
-        kept = []
-        for m in messages:
-            partition, offset = m.partition(), m.offset()
-            if offset < expected.get(partition, -1):
-                self.stale_dropped += 1
-                continue
-            expected[partition] = offset + 1
-            kept.append(m)
-        return kept
 
     def _client_trouble(self, err: KafkaError | None, what: object) -> None:
         if isinstance(err, KafkaError) and err.fatal():
@@ -308,3 +302,24 @@ class KafkaSource:
 
     def close(self) -> None:
         self._consumer.close()
+
+
+def fresh(positions: dict[int, int], partitions: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Which messages (in delivery order) are at or beyond their partition's next
+    expected offset; moves ``positions`` (partition -> next offset) on past them.
+
+    Hazard: a ``seek`` (a restore from a checkpoint) issued just after ``assign`` can
+    race librdkafka's first fetch, which then delivers messages from the old position.
+    Delivering them would train them twice; positions are the truth, so anything
+    before them is a stale re-delivery. Forward gaps are normal (compaction, markers).
+    """
+    keep = np.ones(len(offsets), np.bool_)
+    for partition in np.unique(partitions).tolist():
+        at = np.flatnonzero(partitions == partition)
+        mine = offsets[at]
+        # A message is expected at or past every earlier one + 1 (a stale one is below
+        # that bound already, so counting it changes nothing) and the stored position.
+        floor = np.maximum.accumulate(np.concatenate(([positions.get(partition, -1)], mine[:-1] + 1)))
+        keep[at] = mine >= floor
+        positions[partition] = max(positions.get(partition, -1), int(mine.max()) + 1)
+    return keep
