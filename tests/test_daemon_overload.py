@@ -12,18 +12,27 @@ holding every trained sample once -- every positive among them, and fewer than a
 
 from __future__ import annotations
 
+import logging
 import random
+import shutil
 import subprocess
+import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pytest
 
 from checkpoints import CheckpointStore, ledger_chain, ledger_ids
 from daemon_harness import final_state, kill_leftover_daemons, produce_log, start_daemon, write_config
+from streamtrain.config import load_config
+from streamtrain.runtime import Daemon
 from streamtrain.runtime.overload import keep_fraction
+from streamtrain.services.topics import create_topics
+from streamtrain.simulator import KafkaSink, SimulatorConfig, run_simulation
 from test_daemon_recovery import _kill_at, assert_same_as_reference
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -116,3 +125,63 @@ def test_sigkilled_daemon_with_down_sampling_matches_the_uninterrupted_run(
         _run_to_exit(config, tmp_path / "log", *args)
     assert sum(k != "process ended before the kill" for k in kills) >= 3, kills
     assert_same_as_reference(run_dir, reference, kills)
+
+
+def test_auto_mode_down_samples_a_growing_backlog_with_alarm_and_metrics(
+    kafka_bootstrap: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The operator's view of a real overload: a producer far faster than the daemon (an
+    unpaced simulator on a live topic) makes the backlog long and growing; ``auto`` (with
+    thresholds scaled to a test's seconds) cuts an ``overload`` checkpoint that lowers the
+    keep-rate, the lag alarm fires through the log alert path, and ``/metrics`` shows both
+    (promtool-clean when promtool is installed)."""
+    topic = f"overload-live-{time.time_ns()}"
+    create_topics(kafka_bootstrap, [topic, f"{topic}.dlq"], partitions=2)
+    auto = {"mode": "auto", "backlog_high_s": 0.5, "backlog_low_s": 0.1, "decide_every_s": 0.5, "window_s": 0.5,
+            "alarm_backlog_s": 1.0}
+    config = write_config(tmp_path / "c.yaml", kafka_bootstrap, topic, tmp_path / "run", overload=auto,
+                          checkpoints={"every_samples": 100_000})
+    daemon = Daemon(load_config(config, environ={}), stop=threading.Event())
+    produced = threading.Event()
+    sim = SimulatorConfig(seed=13, exposures=40_000, users=300, items=800, convert_delay_median_s=20.0,
+                          max_convert_delay_s=50.0)
+    producer = threading.Thread(target=run_simulation, args=(sim, KafkaSink(kafka_bootstrap, topic)),
+                                kwargs={"stop": produced}, daemon=True)
+    runner = threading.Thread(target=daemon.run, name="daemon")
+    caplog.set_level(logging.WARNING, logger="streamtrain.daemon")
+    producer.start()
+    runner.start()
+    body = b""
+    try:
+        deadline = time.monotonic() + 180
+        while not (_value(body, b"streamtrain_overload_keep_rate") < 1.0
+                   and _value(body, b"streamtrain_overload_rows_dropped_total") > 0
+                   and _value(body, b"streamtrain_overload_lag_alarm") == 1.0):
+            assert time.monotonic() < deadline, body.decode()[-3000:]
+            time.sleep(0.2)
+            endpoints = tmp_path / "run" / "endpoints.json"
+            if endpoints.exists():
+                body = urllib.request.urlopen(orjson.loads(endpoints.read_bytes())["metrics"], timeout=5).read()
+    finally:
+        produced.set()
+        producer.join(timeout=60)
+        daemon.stop.set()
+        runner.join(timeout=120)
+    assert _value(body, b"streamtrain_overload_backlog_seconds") > 0.5
+    alerts = [r for r in caplog.records if getattr(r, "alert", None) == "consumer_lag"]
+    assert alerts and alerts[0].levelno == logging.ERROR
+    assert any("keep rate of unclicked exposures 1 -> 0.5" in r.getMessage() for r in caplog.records)
+    with CheckpointStore(tmp_path / "run" / "checkpoints", readonly=True) as store:
+        reasons = {s.manifest.extra["reason"] for s in store.list_checkpoints() if s.manifest is not None}
+    assert "overload" in reasons
+    if shutil.which("promtool") is not None:
+        lint = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True)
+        assert lint.returncode == 0, lint.stdout.decode() + lint.stderr.decode()
+
+
+def _value(exposition: bytes, name: bytes) -> float:
+    """An unlabelled sample's value in a Prometheus exposition (NaN if absent)."""
+    for line in exposition.splitlines():
+        if line.startswith(name + b" "):
+            return float(line.split()[1])
+    return float("nan")
