@@ -23,7 +23,7 @@ each (their docstrings say what is measured and against what):
 * **restart** (``bench.restart``) -- ``streamtrain run`` SIGKILLed and started again:
   spawn -> first trained batch, beside the interpreter + imports floor.
 
-``--quick`` runs smaller sizes and says so: 12k samples, an 8 s freshness run, two 6 s
+``--quick`` runs smaller sizes and says so: 12k samples, an 8 s freshness run, two 4 s
 overload runs, 100k rows, one repeat of the throughput pair. The timings inside the daemon come from
 ``bench.daemon_probes``. The last line printed is one JSON object.
 """
@@ -90,7 +90,7 @@ def report(results: dict[str, Any]) -> None:
         print(line)
         print(f"overload: offered {r['factor']:g} x the daemon's capacity of {r['capacity_samples_per_s']:,.0f} "
               f"samples/s = {r['rate']:,.0f} events/s; down-sampling off vs auto (bench thresholds: backlog "
-              f"{r['auto']['backlog_high_s']:g} s / {r['auto']['backlog_low_s']:g} s)")
+              f"{r['auto_config']['backlog_high_s']:g} s / {r['auto_config']['backlog_low_s']:g} s)")
         row("", "p50 s", "p99 s", "max s", "dropped", "keep min", "keep end")
         for label, key in (("mode=off (baseline)", "off"), ("mode=auto (ours)", "auto")):
             o = r[key]
@@ -190,7 +190,7 @@ def main() -> None:
         "freshness_missing": f.get("missing"), "produced_events_per_s": rounded(f.get("produced_events_per_s"), 1),
         "overload": None if not o else {
             "capacity_samples_per_s": rounded(o["capacity_samples_per_s"], 1), "offered_events_per_s": rounded(o["rate"], 1),
-            "factor": o["factor"], "auto": o["auto"],
+            "factor": o["factor"], "auto_config": o["auto_config"],
             **{f"{mode}_{k}": rounded(o[mode][k]) for mode in ("off", "auto")
                for k in ("freshness_p50_s", "freshness_p99_s", "freshness_max_s", "keep_rate_min", "keep_rate_final")},
             **{f"{mode}_{k}": o[mode][k] for mode in ("off", "auto") for k in ("measured", "dropped", "missing")}},

@@ -42,7 +42,7 @@ class Sizes:
     capacity: throughput.Sizes  # when the throughput part did not run
 
 
-QUICK = Sizes(freshness.Sizes(seconds=6.0, warmup_s=1.0), throughput.QUICK)
+QUICK = Sizes(freshness.Sizes(seconds=4.0, warmup_s=1.0), throughput.QUICK)
 FULL = Sizes(freshness.Sizes(seconds=60.0, warmup_s=5.0), throughput.FULL)
 
 
@@ -65,4 +65,4 @@ def run(demo: DemoSetup, tmp: Path, sizes: Sizes, *, time_scale: float, capacity
         runs[name] = freshness.run(demo, tmp / name, sizes.freshness, rate=rate, time_scale=time_scale,
                                    layers={"overload": overload}, topic=f"bench-overload-{name}")
         gc.collect()
-    return {"capacity_samples_per_s": capacity, "factor": FACTOR, "rate": rate, "auto": AUTO, **runs}
+    return {"capacity_samples_per_s": capacity, "factor": FACTOR, "rate": rate, "auto_config": AUTO, **runs}
