@@ -185,3 +185,33 @@ def _value(exposition: bytes, name: bytes) -> float:
         if line.startswith(name + b" "):
             return float(line.split()[1])
     return float("nan")
+
+
+def test_a_restart_with_another_mode_keeps_the_saved_rate_and_rows(
+    kafka_bootstrap: str, produced: dict, tmp_path: Path
+) -> None:
+    """Switching the mode is a config change like any other: the checkpoint's down-sampler
+    (its rate and the rows it holds) is restored even under ``mode: off``, and a checkpoint
+    saved without down-sampling is resumed at rate 1 even under ``mode: fixed``."""
+    run_dir = tmp_path / "run"
+    first, _ = _configs(tmp_path, kafka_bootstrap, produced["topic"], run_dir)
+    _run_to_exit(first, tmp_path / "log", "--stop-after-samples", "640")
+    saved = final_state(run_dir).components["overload"]
+    off = write_config(tmp_path / "off.yaml", kafka_bootstrap, produced["topic"], run_dir, overload={"mode": "off"})
+    daemon = Daemon(load_config(off, environ={}), stop=threading.Event())
+    try:
+        assert daemon.downsampler is not None and daemon.downsampler.rate == 0.5
+        assert daemon.downsampler.status()["rows_held"] == len(saved["rates"])
+    finally:
+        daemon.close()
+
+    fresh = tmp_path / "fresh"
+    plain = write_config(tmp_path / "plain.yaml", kafka_bootstrap, produced["topic"], fresh, overload={"mode": "off"})
+    _run_to_exit(plain, tmp_path / "log", "--stop-after-samples", "640")
+    fixed = write_config(tmp_path / "fixed.yaml", kafka_bootstrap, produced["topic"], fresh,
+                         overload={"mode": "fixed", "keep_rate": 0.5})
+    daemon = Daemon(load_config(fixed, environ={}), stop=threading.Event())
+    try:
+        assert daemon.downsampler is not None and daemon.downsampler.rate == 1.0
+    finally:
+        daemon.close()

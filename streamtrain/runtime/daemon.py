@@ -262,10 +262,14 @@ class Daemon:
         self.pipeline.load_state_dict(c["pipeline"])
         self.pipeline.seek(ckpt.offsets)  # the manifest's offsets: the one record of where to continue
         self.buffer.load_state_dict(c["buffer"])
-        if self.downsampler is not None and "overload" in c:
-            # The saved rate holds until the next checkpoint, whatever the config says now:
-            # a replay from here must drop the rows the original run dropped.
+        # The saved rate holds until the next checkpoint, whatever the config says now: a
+        # replay from here must drop the rows the original run dropped.
+        if "overload" in c:
+            if self.downsampler is None:  # mode off now: train the rows it holds, rate 1 from the next checkpoint
+                self.downsampler = DownSampler(self.config.trainer.batch_size)
             self.downsampler.load_state_dict(c["overload"])
+        elif self.downsampler is not None:
+            self.downsampler.set_rate(1.0)  # saved with mode off: nothing down-sampled up to the next checkpoint
         self.monitors.load_state_dict(c["monitors"])
         self.releases.load_state_dict(c["releases"], self.trainer)
         self._saved_ledger, self._saved_step = ledger_ids(c["ledger"]), self.trainer.steps
@@ -575,7 +579,7 @@ class Daemon:
                 while not self._done() and (batch := self._pop_batch()) is not None:
                     self._train_one(batch)
                 if self.pipeline.end_of_input and not self._done():
-                    # A finite log ended (consumers/markers.py): its last samples are one shorter batch.
+                    # A finite log ended (consumers/markers.py): its last samples end in a shorter batch.
                     while not self._done() and (rest := self._drain()) is not None:
                         self._train_one(rest)
                     stopped_by = "end_of_input"
