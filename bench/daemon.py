@@ -78,7 +78,8 @@ def report(results: dict[str, Any]) -> None:
         print(f"freshness: {r['produced_events_per_s']:,.0f} events/s produced for {r['produce_s']:.0f} s "
               f"(--rate {r['rate']:g}), event time x{r['event_seconds_per_wall_s']:,.0f} -> click window + "
               f"lateness = {r['window_wall_s']:.2f} s of wall time; {r['measured']:,} exposures measured, "
-              f"{r['missing']} never trained; {r['checkpoints']} checkpoint(s), {r['releases']} release(s)")
+              f"{r['missing']} never trained, {r['dropped']} dropped by overload down-sampling (keep-rate min "
+              f"{r['keep_rate_min']:.3g}); {r['checkpoints']} checkpoint(s), {r['releases']} release(s)")
         row("", "p50 s", "p99 s")
         for label, key in (("exposure produced -> trained (ours)", "freshness"),
                            ("  of which label-window wait (floor)", "label_wait"),
@@ -187,7 +188,7 @@ def main() -> None:
         "label_wait_p50_s": rounded(f.get("label_wait_p50_s")), "label_wait_p99_s": rounded(f.get("label_wait_p99_s")),
         "pipeline_p50_s": rounded(f.get("pipeline_p50_s")), "pipeline_p99_s": rounded(f.get("pipeline_p99_s")),
         "to_emitted_p50_s": rounded(f.get("to_emitted_p50_s")), "to_emitted_p99_s": rounded(f.get("to_emitted_p99_s")),
-        "freshness_missing": f.get("missing"), "produced_events_per_s": rounded(f.get("produced_events_per_s"), 1),
+        "freshness_missing": f.get("missing"), "freshness_dropped": f.get("dropped"), "produced_events_per_s": rounded(f.get("produced_events_per_s"), 1),
         "overload": None if not o else {
             "capacity_samples_per_s": rounded(o["capacity_samples_per_s"], 1), "offered_events_per_s": rounded(o["rate"], 1),
             "factor": o["factor"], "auto_config": o["auto_config"],
