@@ -1,6 +1,6 @@
 """End-to-end benchmark of the training daemon on the demo model, beside its baselines.
 
-    python -m bench.daemon [--quick] [--parts throughput freshness checkpoint restart]
+    python -m bench.daemon [--quick] [--parts throughput freshness overload checkpoint restart]
                            [--rate EVENTS_PER_S] [--time-scale X] [--rows N] [--set SECTION.FIELD=V ...]
 
 Everything runs on this machine against an embedded broker (Tansu, in memory) that the
@@ -9,20 +9,22 @@ configuration (``configs/demo.yaml``, the file ``streamtrain demo`` reads: model
 embeddings, batch 256, joiner ``emit_then_correct`` with a 10 min click window, monitors,
 checkpoint and release cadence, the default ``trainer.threads``) in a temporary run
 directory, without Redis (the demo's tables never evict at this size, so the cold tier
-would not be touched). ``--set`` overrides any of it (all parts). Four parts, one module
+would not be touched). ``--set`` overrides any of it (all parts). Five parts, one module
 each (their docstrings say what is measured and against what):
 
 * **throughput** (``bench.throughput``) -- samples/s of the daemon draining a
   pre-produced log, beside a bare ``Trainer.step`` loop over the same batches;
 * **freshness** (``bench.freshness``) -- exposure produced -> trained while the simulator
   produces at ``--rate``, split into the label-window wait and the pipeline;
+* **overload** (``bench.overload``) -- freshness offered 1.5x the daemon's capacity measured
+  in the same run, overload down-sampling off (baseline) beside auto;
 * **checkpoint** (``bench.checkpoint``) -- save and restore of an N x 64 embedding table
   through ``CheckpointStore``, beside ``torch.save`` / ``torch.load`` and raw bytes;
 * **restart** (``bench.restart``) -- ``streamtrain run`` SIGKILLed and started again:
   spawn -> first trained batch, beside the interpreter + imports floor.
 
-``--quick`` runs smaller sizes and says so: 12k samples, an 8 s freshness run, 100k rows,
-one repeat of the throughput pair. The timings inside the daemon come from
+``--quick`` runs smaller sizes and says so: 12k samples, an 8 s freshness run, two 4 s
+overload runs, 100k rows, one repeat of the throughput pair. The timings inside the daemon come from
 ``bench.daemon_probes``. The last line printed is one JSON object.
 """
 
@@ -36,12 +38,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench import checkpoint, freshness, restart, throughput
+from bench import checkpoint, freshness, overload, restart, throughput
 from bench.common import announce_quick, machine_info, parser, print_result, rounded
 from bench.demo_setup import DemoSetup, broker_state
 from streamtrain.services import EmbeddedBroker
 
-MODULES = {"throughput": throughput, "freshness": freshness, "checkpoint": checkpoint, "restart": restart}
+MODULES = {"throughput": throughput, "freshness": freshness, "overload": overload, "checkpoint": checkpoint,
+           "restart": restart}
 PARTS = tuple(MODULES)
 
 
@@ -75,7 +78,8 @@ def report(results: dict[str, Any]) -> None:
         print(f"freshness: {r['produced_events_per_s']:,.0f} events/s produced for {r['produce_s']:.0f} s "
               f"(--rate {r['rate']:g}), event time x{r['event_seconds_per_wall_s']:,.0f} -> click window + "
               f"lateness = {r['window_wall_s']:.2f} s of wall time; {r['measured']:,} exposures measured, "
-              f"{r['missing']} never trained; {r['checkpoints']} checkpoint(s), {r['releases']} release(s)")
+              f"{r['missing']} never trained, {r['dropped']} dropped by overload down-sampling (keep-rate min "
+              f"{r['keep_rate_min']:.3g}); {r['checkpoints']} checkpoint(s), {r['releases']} release(s)")
         row("", "p50 s", "p99 s")
         for label, key in (("exposure produced -> trained (ours)", "freshness"),
                            ("  of which label-window wait (floor)", "label_wait"),
@@ -83,6 +87,18 @@ def report(results: dict[str, Any]) -> None:
                            ("    closed -> emitted by the joiner", "to_emitted"),
                            ("    emitted -> trained", "emitted_to_trained")):
             row(label, f"{r[key + '_p50_s']:.3f}", f"{r[key + '_p99_s']:.3f}")
+    if (r := results.get("overload")) is not None:
+        print(line)
+        print(f"overload: offered {r['factor']:g} x the daemon's capacity of {r['capacity_samples_per_s']:,.0f} "
+              f"samples/s = {r['rate']:,.0f} events/s; down-sampling off vs auto (bench thresholds: backlog "
+              f"{r['auto_config']['backlog_high_s']:g} s / {r['auto_config']['backlog_low_s']:g} s)")
+        row("", "p50 s", "p99 s", "max s", "dropped", "keep min", "keep end")
+        for label, key in (("mode=off (baseline)", "off"), ("mode=auto (ours)", "auto")):
+            o = r[key]
+            row(label, f"{o['freshness_p50_s']:.2f}", f"{o['freshness_p99_s']:.2f}", f"{o['freshness_max_s']:.2f}",
+                f"{o['dropped']:,}", f"{o['keep_rate_min']:.3g}", f"{o['keep_rate_final']:.3g}")
+        print(f"  measured exposures: off {r['off']['measured']:,} ({r['off']['missing']} never trained), "
+              f"auto {r['auto']['measured']:,} ({r['auto']['missing']} never trained)")
     if (r := results.get("checkpoint")) is not None:
         p = r["parts_best_s"]
         print(line)
@@ -126,6 +142,10 @@ def run_parts(parts: list[str], sizes: dict[str, Any], overrides: list[str], rat
                     if "freshness" in parts:
                         results["freshness"] = freshness.run(demo, tmp, sizes["freshness"], rate=rate,
                                                              time_scale=time_scale)
+                    if "overload" in parts:
+                        capacity = results.get("throughput", {}).get("samples_per_s")
+                        results["overload"] = overload.run(demo, tmp, sizes["overload"], time_scale=time_scale,
+                                                           capacity=capacity)
                     if "restart" in parts:
                         results["restart"] = restart.run(demo, tmp, sizes["restart"])
                 except BaseException:
@@ -157,7 +177,7 @@ def main() -> None:
     results = run_parts(args.parts, sizes, args.overrides, args.rate, args.time_scale)
     report(results)
 
-    t, f, c, r = (results.get(k, {}) for k in PARTS)
+    t, f, o, c, r = (results.get(k, {}) for k in PARTS)
     print_result({
         "benchmark": "daemon", "quick": args.quick, "overrides": args.overrides,
         "samples_per_s": rounded(t.get("samples_per_s"), 1),
@@ -168,7 +188,13 @@ def main() -> None:
         "label_wait_p50_s": rounded(f.get("label_wait_p50_s")), "label_wait_p99_s": rounded(f.get("label_wait_p99_s")),
         "pipeline_p50_s": rounded(f.get("pipeline_p50_s")), "pipeline_p99_s": rounded(f.get("pipeline_p99_s")),
         "to_emitted_p50_s": rounded(f.get("to_emitted_p50_s")), "to_emitted_p99_s": rounded(f.get("to_emitted_p99_s")),
-        "freshness_missing": f.get("missing"), "produced_events_per_s": rounded(f.get("produced_events_per_s"), 1),
+        "freshness_missing": f.get("missing"), "freshness_dropped": f.get("dropped"), "produced_events_per_s": rounded(f.get("produced_events_per_s"), 1),
+        "overload": None if not o else {
+            "capacity_samples_per_s": rounded(o["capacity_samples_per_s"], 1), "offered_events_per_s": rounded(o["rate"], 1),
+            "factor": o["factor"], "auto_config": o["auto_config"],
+            **{f"{mode}_{k}": rounded(o[mode][k]) for mode in ("off", "auto")
+               for k in ("freshness_p50_s", "freshness_p99_s", "freshness_max_s", "keep_rate_min", "keep_rate_final")},
+            **{f"{mode}_{k}": o[mode][k] for mode in ("off", "auto") for k in ("measured", "dropped", "missing")}},
         "ckpt_save_s": rounded(c.get("ckpt_save_s")), "ckpt_restore_s": rounded(c.get("ckpt_restore_s")),
         "torch_save_s": rounded(c.get("torch_save_s")), "torch_load_s": rounded(c.get("torch_load_s")),
         "raw_write_s": rounded(c.get("raw_write_s")), "raw_read_s": rounded(c.get("raw_read_s")),

@@ -80,17 +80,20 @@ class StepClock:
 
 class PollClock:
     """When the joiner emitted each sample: sample id -> end of the ``pipeline.poll`` (consume
-    -> decode -> join) that returned it, first emission only (corrections left out)."""
+    -> decode -> join) that returned it, first emission only (corrections left out); and its
+    place in the sample sequence (``order``), which the trainer consumes first in, first out."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.emitted: dict[int, float] = {}
+        self.order: dict[int, int] = {}
 
     def record(self, end: float, batches: list[Batch]) -> None:
         with self.lock:
             for b in batches:
                 for sid in b["sample_id"][~b["is_correction"]].tolist():
                     self.emitted.setdefault(sid, end)
+                    self.order.setdefault(sid, len(self.order))
 
 
 def clock_hooks(steps: StepClock, polls: PollClock | None = None, poll_spans: list[tuple[float, float]] | None = None) -> DaemonHooks:

@@ -17,6 +17,11 @@ of wall time; the simulated world's request density is scaled so that ``rate`` e
 goes on until every one of them is trained (a partial batch trains only when more samples
 come). In production (time scale 1) the label wait is the whole window: only the pipeline
 part carries over.
+
+Under overload down-sampling (``streamtrain/runtime/overload.py``) some unclicked exposures
+are never trained: an exposure counts as *dropped* once a sample emitted after it was
+trained (the trainer takes samples first in, first out), and freshness is that of the
+trained ones. ``keep_rate_min`` / ``keep_rate_final`` come from the daemon's status.
 """
 
 from __future__ import annotations
@@ -106,14 +111,23 @@ def window_closed_at(sink: RecordingSink, exposure_ts: np.ndarray, close_after_m
     return out
 
 
-def run(demo: DemoSetup, tmp: Path, sizes: Sizes, *, rate: float, time_scale: float) -> dict[str, Any]:
-    demo_sim = demo.config(tmp / "fresh", "bench-fresh").simulator
+def _sample_keep_rate(daemon: Daemon, stop: threading.Event, into: list[float]) -> None:
+    """The daemon's keep-rate every 0.1 s of the run (its status snapshot, thread-safe)."""
+    while not stop.wait(0.1):
+        into.append(daemon.status().overload.get("keep_rate", 1.0))
+
+
+def run(demo: DemoSetup, tmp: Path, sizes: Sizes, *, rate: float, time_scale: float,
+        layers: dict[str, Any] | None = None, topic: str = "bench-fresh") -> dict[str, Any]:
+    """``layers``: config sections merged over the demo's (e.g. ``overload``), under ``--set``;
+    ``topic``: one per run on a shared broker."""
+    demo_sim = demo.config(tmp / "fresh", topic).simulator
     # Scale the world's request density so that `rate` events/s is event time at `time_scale`.
     density = events_per_event_second(demo_sim) / demo_sim.requests_per_event_second  # events per request
     requests = rate / (time_scale * density)
-    cfg = demo.config(tmp / "fresh", "bench-fresh",
+    cfg = demo.config(tmp / topic, topic,
                       simulator={"rate": rate, "time_scale": time_scale, "requests_per_event_second": requests,
-                                 "exposures": None, "seed": 1})
+                                 "exposures": None, "seed": 1}, **(layers or {}))
     kafka, joiner = cfg.kafka, cfg.joiner
     create_topics(kafka.bootstrap_servers, [kafka.topic, kafka.dlq_topic], kafka.partitions)
     stop, sim_stop = threading.Event(), threading.Event()
@@ -123,6 +137,7 @@ def run(demo: DemoSetup, tmp: Path, sizes: Sizes, *, rate: float, time_scale: fl
     produced: dict[int, tuple[float, int, int]] = {}  # sample id -> (produced at, exposure ts, partition)
     sim_stats: dict[str, Any] = {}
     measured: dict[str, Any] = {}
+    keep_rates: list[float] = []
 
     lock = threading.Lock()
 
@@ -142,14 +157,18 @@ def run(demo: DemoSetup, tmp: Path, sizes: Sizes, *, rate: float, time_scale: fl
             snapshot = list(produced.items())
         wanted = {sid for sid, (at, _, _) in snapshot if at >= t0 + sizes.warmup_s}
         measured.update(ids=set(wanted), end=time.perf_counter())
-        deadline, seen = time.perf_counter() + 30.0, 0
+        deadline, seen, passed = time.perf_counter() + 30.0, 0, -1
         while wanted and time.perf_counter() < deadline:
             time.sleep(0.1)
             with clock.lock:
                 fresh, seen = clock.ids[seen:], len(clock.ids)
                 last = clock.ends[-1] if clock.ends else t0
-            for ids in fresh:
-                wanted.difference_update(ids.tolist())
+            with polls.lock:
+                for ids in fresh:
+                    wanted.difference_update(ids.tolist())
+                    passed = max([passed, *(polls.order.get(i, -1) for i in ids.tolist())])
+                # emitted before a trained sample and not trained: dropped by down-sampling
+                wanted.difference_update([i for i in wanted if polls.order.get(i, passed + 1) < passed])
             if time.perf_counter() - last > 10.0:
                 print(f"  WARNING: no training step for 10 s; {broker_state(demo.broker)}", file=sys.stderr)
                 break
@@ -162,6 +181,8 @@ def run(demo: DemoSetup, tmp: Path, sizes: Sizes, *, rate: float, time_scale: fl
     producer.start()
     supervisor = threading.Thread(target=supervise, args=(t0,), name="supervisor", daemon=True)
     supervisor.start()
+    sampler = threading.Thread(target=lambda: _sample_keep_rate(daemon, stop, keep_rates), daemon=True)
+    sampler.start()
     summary = daemon.run()
     supervisor.join()
     trained = clock.trained_at()
@@ -172,6 +193,9 @@ def run(demo: DemoSetup, tmp: Path, sizes: Sizes, *, rate: float, time_scale: fl
     if np.isnan(closed).any():
         raise RuntimeError("production stopped before every measured exposure's window closed")
     done = np.array([i in trained for i in ids.tolist()], bool)
+    with polls.lock:
+        passed = max((polls.order.get(i, -1) for i in trained), default=-1)
+        dropped = np.array([not d and polls.order.get(i, passed + 1) < passed for i, d in zip(ids.tolist(), done)], bool)
     trained_wall = np.array([trained.get(i, np.nan) for i in ids.tolist()])
     emitted = np.array([polls.emitted.get(i, np.nan) for i in ids.tolist()])
     total = trained_wall[done] - at[done]
@@ -196,7 +220,9 @@ def run(demo: DemoSetup, tmp: Path, sizes: Sizes, *, rate: float, time_scale: fl
         "produced_events_per_s": sim_stats.get("events", 0) / produced_s,
         "event_seconds_per_wall_s": event_speed,
         "window_wall_s": (joiner.click_window_ms + joiner.allowed_lateness_ms) / 1000.0 / event_speed,
-        "measured": int(len(ids)), "missing": int((~done).sum()), "partition_mismatches": int(mismatched),
+        "measured": int(len(ids)), "missing": int((~done & ~dropped).sum()), "dropped": int(dropped.sum()),
+        "partition_mismatches": int(mismatched),
+        "keep_rate_min": min(keep_rates, default=1.0), "keep_rate_final": keep_rates[-1] if keep_rates else 1.0,
         "samples_trained": summary.samples_trained,
         "checkpoints": summary.checkpoints, "releases": summary.published_versions,
         "freshness_p50_s": pct(total, 50), "freshness_p99_s": pct(total, 99), "freshness_max_s": float(total.max()),

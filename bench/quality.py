@@ -11,7 +11,11 @@ checkpoints, releases) trains the whole stream; its ``on_trained`` hook records 
 with the model's prequential scores (made before it learned from the row). ``--offline``
 skips Kafka and the daemon for fast screening: the same events, partitioned by user as the
 Kafka sink does, go through the real consumer pipeline from an in-memory source into
-``Trainer.step`` (what ``docs/model_quality.md``'s screening used).
+``Trainer.step`` (what ``docs/model_quality.md``'s screening used); with
+``--set overload.mode=fixed --set overload.keep_rate=R`` it down-samples negatives between
+the batches and the trainer as the daemon does (``streamtrain/runtime/overload.py``), and
+the evaluated rows are the trained ones (AUC is unbiased under that label-independent
+subsampling of negatives; log-loss and calibration on them are not comparable).
 
 Evaluated rows: exposures in the order the trainer saw them; correction rows of
 ``emit_then_correct`` are not new rows and only complete their exposure's CTCVR label. On
@@ -46,7 +50,7 @@ import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +61,7 @@ import torch
 from bench.baselines import auc, best_learning_rate, calibration, item_rate_prior, log_loss, online_mf
 from bench.common import announce_quick, machine_info, parser, print_result, rounded
 from bench.demo_setup import DemoSetup, read_demo_config
+from consumers.batching import SampleBuffer
 from consumers.decode import EventDecoder
 from consumers.joiner import LabelJoiner
 from consumers.pipeline import IngestPipeline
@@ -67,6 +72,7 @@ from streamtrain.config import StreamtrainConfig, build_config, flag_overrides
 from streamtrain.report.curves import BASELINES_FILE, ORACLE_FILE, CurveWriter
 from streamtrain.retrieval.evaluate import evaluate as retrieval_metrics
 from streamtrain.runtime import Daemon, DaemonHooks
+from streamtrain.runtime.overload import DownSampler
 from streamtrain.services import EmbeddedBroker
 from streamtrain.services.topics import create_topics
 from streamtrain.simulator import EventStream, KafkaSink, run_simulation
@@ -188,9 +194,22 @@ def train_offline(config: StreamtrainConfig, logs: dict[int, list[bytes]]) -> tu
     trainer = build_trainer(config, torch.device("cpu"))
     rows = Rows()
     train_s = 0.0
+    # overload.mode=fixed down-samples negatives as the daemon does (auto needs a live backlog)
+    sampler = DownSampler(config.trainer.batch_size, config.overload.keep_rate) if config.overload.mode == "fixed" else None
+    raw = SampleBuffer(config.trainer.batch_size)
+
+    def kept(batches: list[SampleBatch], done: bool) -> Iterator[SampleBatch]:
+        if sampler is None:
+            yield from batches
+            return
+        for batch in batches:
+            raw.extend(batch)
+        while (out := sampler.pop_batch(raw) or (sampler.drain(raw) if done else None)) is not None:
+            yield out.batch
+
     while True:
         done = pipeline.end_of_input
-        for batch in batched.flush() if done else batched.poll(5000):
+        for batch in kept(batched.flush() if done else batched.poll(5000), done):
             start = time.perf_counter()
             rows(batch, trainer.step(batch))
             train_s += time.perf_counter() - start

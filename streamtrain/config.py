@@ -89,6 +89,33 @@ class TrainerConfig(Section):
     # 2-core box (measured 3400 vs 730 samples/s: torch threads fight librdkafka's for the cores)
 
 
+class OverloadConfig(Section):
+    """What the daemon does when events arrive faster than it trains (docs/operations.md, Overload):
+    train every positive and a keep-rate share of the unclicked exposures, weighted 1/rate in the
+    CTR/CTCVR losses. The rate changes only at checkpoints and is saved in them (exact replay)."""
+
+    mode: Literal["off", "auto", "fixed"] = "auto"  # auto: down-sample only while the backlog is long AND growing, so
+    # replays and catch-ups after an outage still train on every sample; off: never; fixed: always keep_rate
+    keep_rate: float = Field(1.0, gt=0, le=1)  # mode=fixed: share of unclicked exposures trained
+    min_keep_rate: float = Field(0.1, gt=0, le=1)  # mode=auto floor: below ~0.1 the 1/rate weights make the CTR
+    # loss noisy (one kept negative stands for 10+) and the monitors' windows thin out
+    backlog_high_s: float = Field(30.0, gt=0)  # auto halves the rate while the backlog (lag / consumption speed)
+    # exceeds this and grows: a few checkpoint intervals of delay is worth trading negatives for
+    backlog_low_s: float = Field(5.0, ge=0)  # auto doubles the rate once the backlog is below this; the gap to
+    # backlog_high_s is the hysteresis that keeps the rate from flapping at every checkpoint
+    decide_every_s: float = Field(15.0, gt=0)  # auto cuts a checkpoint ("overload") to change the rate at most this
+    # often; the rate may only change at a checkpoint, and the cadence checkpoints can be minutes apart
+    window_s: float = Field(5.0, gt=0)  # the backlog is measured over windows this long (consumption speed, growth)
+    alarm_backlog_s: float = Field(60.0, gt=0)  # lag alarm (any mode): an alert when the backlog exceeds this,
+    # cleared below half of it; freshness that far behind is an incident even while down-sampling copes
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "OverloadConfig":
+        if self.backlog_low_s >= self.backlog_high_s:
+            raise ValueError("overload.backlog_low_s must be < backlog_high_s (the hysteresis band)")
+        return self
+
+
 class EmbeddingsConfig(Section):
     """One dynamic table per id space; ``dim`` and ``name`` are filled from the model/keys."""
 
@@ -148,6 +175,7 @@ class StreamtrainConfig(Section):
     model: ModelConfig = ModelConfig()
     embeddings: EmbeddingsConfig = EmbeddingsConfig()
     trainer: TrainerConfig = TrainerConfig()
+    overload: OverloadConfig = OverloadConfig()  # negative down-sampling when the daemon falls behind
     checkpoints: CheckpointConfig = CheckpointConfig()  # root defaults to <run_dir>/checkpoints
     monitors: MonitorsConfig = MonitorsConfig()
     publishing: PublishingConfig = PublishingConfig()

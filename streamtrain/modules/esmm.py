@@ -144,9 +144,14 @@ def esmm_loss(
     convert: torch.Tensor,
     is_correction: torch.Tensor,
     cfg: ESMMConfig,
+    weight: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Batch-mean ESMM loss terms (all inputs (B,)): ``ctr``, ``ctcvr`` and their
-    weighted sum ``esmm``. See the module docstring for the correction rows."""
+    weighted sum ``esmm``. See the module docstring for the correction rows.
+
+    ``weight`` (B,): importance weights of down-sampled rows (``streamtrain/runtime/overload.py``:
+    ``1 / keep_rate`` on kept negatives); the terms are then a weighted mean, whose
+    minimiser is the unsampled stream's (calibration holds). None: the plain mean."""
     ctcvr_label = click * convert
     ctr_terms = F.binary_cross_entropy_with_logits(ctr_logit, click, reduction="none")  # (B,)
     log_p, log_1mp = ctcvr_log_probs(ctr_logit, cvr_logit, cfg.prob_eps)
@@ -154,5 +159,9 @@ def esmm_loss(
     if cfg.correction == "cancel":
         ctr_terms = torch.where(is_correction, 0.0, ctr_terms)
         ctcvr_terms = torch.where(is_correction, cfg.correction_weight * (log_1mp - log_p), ctcvr_terms)
-    ctr, ctcvr = ctr_terms.mean(), ctcvr_terms.mean()
+    if weight is None:
+        ctr, ctcvr = ctr_terms.mean(), ctcvr_terms.mean()
+    else:
+        total = weight.sum()
+        ctr, ctcvr = (ctr_terms * weight).sum() / total, (ctcvr_terms * weight).sum() / total
     return {"ctr": ctr, "ctcvr": ctcvr, "esmm": cfg.ctr_weight * ctr + cfg.ctcvr_weight * ctcvr}

@@ -154,7 +154,8 @@ class RecModel(nn.Module):
         cfg = self.config
         click = batch["click"]
         parts = esmm_loss(
-            outputs["ctr_logit"], outputs["cvr_logit"], click, batch["convert"], batch["is_correction"], cfg.esmm
+            outputs["ctr_logit"], outputs["cvr_logit"], click, batch["convert"], batch["is_correction"], cfg.esmm,
+            batch.get("weight"),  # present only on down-sampled batches (runtime/overload.py)
         )
         row_weight = click * ~batch["is_correction"]  # (B,)
         neg_ids = torch.cat([batch["rank_package"], batch["neg_items"]], dim=1)  # (B, P + K)

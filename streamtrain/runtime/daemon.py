@@ -4,6 +4,7 @@ releases, metrics and the control endpoint together.
 Loop, one turn per poll::
 
     poll Kafka -> decode/join -> samples  ->  SampleBuffer (fixed-size batches)
+                          -> DownSampler (overload: keeps positives + a share of negatives)
     for each full batch:  trainer.step -> StepResult (prequential scores, losses)
                           -> monitors, shadow window, hooks -> ledger
                           -> release due?  checkpoint this step, then publish naming it
@@ -23,6 +24,11 @@ those positions: every message is either reflected in the saved state or re-read
 both. Batch boundaries depend only on the sample sequence, which the joiner makes
 independent of arrival timing, so a replay reproduces the uninterrupted run bit for bit
 on CPU.
+
+Overload (``runtime/overload.py``): when the backlog is long and growing, the keep-rate of
+unclicked exposures drops (weighted ``1 / rate`` in the losses). The rate changes only while a
+checkpoint is cut and is saved in it, and which rows it drops is a function of their ids, so
+the exactly-once argument above holds with down-sampling active.
 
 Shutdown (SIGTERM / Ctrl-C): stop polling, finish the current step, write a final
 checkpoint, commit offsets to Kafka (for lag tools only), close. A second signal exits
@@ -70,6 +76,7 @@ from streamtrain.embedding.redis_tier import RedisColdTier
 from streamtrain.runtime.control import ControlServer, ensure_token
 from streamtrain.runtime.metric_points import metric_points
 from streamtrain.runtime.metrics import DaemonMetrics
+from streamtrain.runtime.overload import Backlog, BacklogMeter, DownSampler, KeptBatch, next_rate
 from streamtrain.runtime.publisher import Publisher
 from streamtrain.runtime.releases import ReleaseManager
 from streamtrain.runtime.serving import ServingPush
@@ -162,6 +169,14 @@ class Daemon:
         self.monitors = MonitorSuite(config.monitors, config.features.sparse, config.features.dense,
                                      sinks=build_sinks(config.monitors.alerts))
         self.buffer = SampleBuffer(config.trainer.batch_size)
+        overload = config.overload
+        # mode=off: batches go from the buffer to the trainer untouched (no component, no state)
+        self.downsampler = None if overload.mode == "off" else DownSampler(
+            config.trainer.batch_size, overload.keep_rate if overload.mode == "fixed" else 1.0)
+        self.backlog_meter = BacklogMeter(overload.window_s)
+        self.backlog: Backlog | None = None  # the last measurement (status, metrics, the lag alarm)
+        self.lag_alarm = False
+        self._last_rate_decision = clock()
         self.publisher = Publisher(config.published_root, config.publishing.keep_versions)
         self.releases = ReleaseManager(config.publishing, self.publisher)
         self.store = CheckpointStore(config.checkpoints.root, config.checkpoints)
@@ -214,6 +229,7 @@ class Daemon:
             "monitors": self.monitors.state_dict(),
             "releases": self.releases.state_dict(),
             "ledger": ledger_state(self._ledger_ids()),
+            **({} if self.downsampler is None else {"overload": self.downsampler.state_dict()}),
         }
 
     def _ledger_ids(self) -> np.ndarray:
@@ -246,6 +262,14 @@ class Daemon:
         self.pipeline.load_state_dict(c["pipeline"])
         self.pipeline.seek(ckpt.offsets)  # the manifest's offsets: the one record of where to continue
         self.buffer.load_state_dict(c["buffer"])
+        # The saved rate holds until the next checkpoint, whatever the config says now: a
+        # replay from here must drop the rows the original run dropped.
+        if "overload" in c:
+            if self.downsampler is None:  # mode off now: train the rows it holds, rate 1 from the next checkpoint
+                self.downsampler = DownSampler(self.config.trainer.batch_size)
+            self.downsampler.load_state_dict(c["overload"])
+        elif self.downsampler is not None:
+            self.downsampler.set_rate(1.0)  # saved with mode off: nothing down-sampled up to the next checkpoint
         self.monitors.load_state_dict(c["monitors"])
         self.releases.load_state_dict(c["releases"], self.trainer)
         self._saved_ledger, self._saved_step = ledger_ids(c["ledger"]), self.trainer.steps
@@ -265,6 +289,7 @@ class Daemon:
         # External statistics enter the joiner only here, so every checkpoint holds what the
         # steps after it will use (consumers/popularity.py: RedisPopularity).
         self.popularity.sync()
+        rate_before = self._decide_rate()
         components = self.components()
         try:
             info = self.store.save(self.trainer.steps, components, offsets=self.pipeline.positions(),
@@ -273,6 +298,8 @@ class Daemon:
                                                "table_steps": {n: t.table.step for n, t in self.trainer.tables.items()}})
         except CheckpointWriteError as exc:
             self.popularity.discard_sync()  # what it fetched must not be used unrecorded
+            if self.downsampler is not None:
+                self.downsampler.set_rate(rate_before)  # a rate nowhere recorded must not be used either
             self.checkpoint_failures += 1
             delay = self.trigger.failed()
             log.error("checkpoint failed (%s); training continues, retry in %.0fs", exc, delay,
@@ -290,6 +317,51 @@ class Daemon:
         self.pipeline.commit(self.pipeline.positions())  # lag tools only; the checkpoint is the truth
         self._collect_cold_tiers()
         return True
+
+    def _decide_rate(self) -> float:
+        """Choose the keep-rate for the steps after the checkpoint being cut (the only moment
+        it may change); returns the rate before, for a failed write to restore."""
+        if self.downsampler is None:
+            return 1.0
+        before = self.downsampler.rate
+        rate = next_rate(self.config.overload, before, self.backlog)
+        self._last_rate_decision = self._clock()
+        if rate != before:
+            self.downsampler.set_rate(rate)
+            log.warning("overload: keep rate of unclicked exposures %.3g -> %.3g (backlog %s)", before, rate,
+                        "unmeasured" if self.backlog is None else f"{self.backlog.seconds:.1f}s, "
+                        f"{self.backlog.lag_events} events, {'growing' if self.backlog.growing else 'not growing'}")
+        return before
+
+    def _rate_change_due(self) -> bool:
+        """auto: cut a checkpoint now when the backlog asks for another rate (not more often
+        than ``decide_every_s``): the cadence checkpoints alone can be minutes apart."""
+        cfg = self.config.overload
+        if self.downsampler is None or cfg.mode != "auto" or self._clock() - self._last_rate_decision < cfg.decide_every_s:
+            return False
+        return next_rate(cfg, self.downsampler.rate, self.backlog) != self.downsampler.rate
+
+    def _measure_backlog(self) -> None:
+        """Once per loop turn: the backlog over the last window, and the lag alarm's edges
+        (an alert through the log path, like the daemon's other operational alerts)."""
+        lag = sum(self.pipeline.lag().values())
+        self.backlog = self.backlog_meter.observe(self._clock(), self.pipeline.counters.get("messages", 0), lag)
+        if self.backlog is None:
+            return
+        threshold = self.config.overload.alarm_backlog_s
+        if not self.lag_alarm and self.backlog.seconds > threshold:
+            self.lag_alarm = True
+            log.error("consumer lag alarm: %d events behind, %.0fs at the current speed (> %.0fs); keep rate %.3g",
+                      self.backlog.lag_events, self.backlog.seconds, threshold, self._keep_rate(),
+                      extra={"alert": "consumer_lag", "lag_events": self.backlog.lag_events,
+                             "backlog_s": self.backlog.seconds})
+        elif self.lag_alarm and self.backlog.seconds < threshold / 2:
+            self.lag_alarm = False
+            log.warning("consumer lag alarm cleared: %d events behind, %.0fs", self.backlog.lag_events,
+                        self.backlog.seconds, extra={"alert": "consumer_lag_cleared"})
+
+    def _keep_rate(self) -> float:
+        return 1.0 if self.downsampler is None else self.downsampler.rate
 
     def _collect_cold_tiers(self) -> None:
         """Let each cold tier drop the row versions no retained checkpoint can read back:
@@ -376,6 +448,10 @@ class Daemon:
             dead_polls=self.dead_polls,
             current_version=None if current is None else VersionStatus(
                 current.name, current.number, float(current.manifest.get("created", 0.0))),
+            overload={"keep_rate": self._keep_rate(), "lag_alarm": int(self.lag_alarm),
+                      "backlog_s": -1.0 if self.backlog is None else min(self.backlog.seconds, 1e9),
+                      **({} if self.downsampler is None else {
+                          k: v for k, v in self.downsampler.status().items() if k != "keep_rate"})},
             releases={"released": self.releases.released, "held": self.releases.held,
                       "rollbacks": self.releases.rollbacks, "failures": self.releases.failures,
                       **({} if self.serving is None else {
@@ -389,12 +465,14 @@ class Daemon:
         self.timeseries.turn(status, {"freshness": self.metrics.freshness, "join_latency": self.metrics.join_latency})
 
     # ------------------------------------------------------------------ the loop
-    def _observe(self, batch: SampleBatch, result: StepResult) -> None:
+    def _observe(self, batch: SampleBatch, result: StepResult, watched: np.ndarray | None) -> None:
         """Hand a step's prequential scores to the monitors and the shadow check. Correction
         rows (``emit_then_correct``) re-emit an exposure already scored: they are not new
-        rows, so monitors and the shadow window see exposures only."""
+        rows, so monitors and the shadow window see exposures only. Under down-sampling
+        they see the ``watched`` rows only: a uniform share of the exposures, positives
+        included (runtime/overload.py), so their rates and calibration stay unbiased."""
         self.hooks.on_trained(batch, result)
-        fresh = ~batch["is_correction"]
+        fresh = ~batch["is_correction"] if watched is None else ~batch["is_correction"] & watched
         rows = batch if fresh.all() else {k: v[fresh] for k, v in batch.items()}
         if not len(rows["sample_id"]):
             return
@@ -407,11 +485,12 @@ class Daemon:
             self.timeseries.window(verdict, samples=self.trainer.samples, ts_ms=int(rows["ts"].max()))
         self.releases.observe(rows, Predictions(p_ctr, p_ctcvr))
 
-    def _train_one(self, batch: SampleBatch) -> None:
+    def _train_one(self, kept: KeptBatch) -> None:
+        batch = kept.batch
         result = self.trainer.step(batch)
         self._losses = result.losses
         self.metrics.step_duration.observe(result.seconds)
-        self._observe(batch, result)
+        self._observe(batch, result, kept.watched)
         self._observe_latencies(batch)
         size = len(batch["sample_id"])
         self._ledger.append(batch["sample_id"].copy())
@@ -422,8 +501,9 @@ class Daemon:
         self.trigger.record(size)
         release = self.releases.decide(self.monitors.gate)
         due = self.trigger.due()
-        if release or due or self.popularity.sync_due():  # popularity: a fresh stats snapshot every refresh_s
-            self.checkpoint("release" if release else "cadence" if due else "popularity")
+        overload = self._rate_change_due()
+        if release or due or overload or self.popularity.sync_due():  # popularity: a fresh stats snapshot every refresh_s
+            self.checkpoint("release" if release else "cadence" if due else "overload" if overload else "popularity")
         if release:
             # The version names the checkpoint of this very step; when that write failed
             # there is none, and the release is dropped rather than published unnamed.
@@ -458,6 +538,18 @@ class Daemon:
             self.metrics.freshness.observe(max(0.0, now - exposure_s))
             self.metrics.join_latency.observe(max(0.0, watermark_s - exposure_s))
 
+    def _pop_batch(self) -> KeptBatch | None:
+        if self.downsampler is None:
+            batch = self.buffer.pop_batch()
+            return None if batch is None else KeptBatch(batch, None)
+        return self.downsampler.pop_batch(self.buffer)
+
+    def _drain(self) -> KeptBatch | None:
+        if self.downsampler is None:
+            rest = self.buffer.drain()
+            return None if rest is None else KeptBatch(rest, None)
+        return self.downsampler.drain(self.buffer)
+
     def _done(self) -> bool:
         return self.stop_after_samples is not None and self.trainer.samples >= self.stop_after_samples
 
@@ -484,14 +576,15 @@ class Daemon:
                 else:
                     time.sleep(cfg.trainer.poll_timeout_s)
                 # Check the stop point *before* popping: a popped batch must be trained.
-                while not self._done() and (batch := self.buffer.pop_batch()) is not None:
+                while not self._done() and (batch := self._pop_batch()) is not None:
                     self._train_one(batch)
                 if self.pipeline.end_of_input and not self._done():
-                    # A finite log ended (consumers/markers.py): its last samples are one shorter batch.
-                    if (rest := self.buffer.drain()) is not None:
+                    # A finite log ended (consumers/markers.py): its last samples end in a shorter batch.
+                    while not self._done() and (rest := self._drain()) is not None:
                         self._train_one(rest)
                     stopped_by = "end_of_input"
                     log.info("end of input on every partition: %d samples trained", self.trainer.samples)
+                self._measure_backlog()
                 self._update_status()
                 if self._done():
                     stopped_by = "stop_after_samples"

@@ -118,7 +118,29 @@ def _points(status: DaemonStatus, now: float) -> Iterator[Point]:
                            ("rollbacks", "CURRENT moved back by the rollback action."),
                            ("failures", "Releases that failed to write.")):
         yield Point(f"streamtrain_releases_{key}", "counter", help_text, status.releases.get(key, 0))
+    yield from _overload_points(status.overload)
     yield from _redis_points(status)
+
+
+def _overload_points(overload: dict[str, float]) -> Iterator[Point]:
+    """Down-sampling and the lag alarm (runtime/overload.py)."""
+    if not overload:
+        return
+    yield Point("streamtrain_overload_keep_rate", "gauge",
+                "Share of unclicked exposures trained (1: no down-sampling); changes only at checkpoints.",
+                overload["keep_rate"])
+    yield Point("streamtrain_overload_lag_alarm", "gauge", "1 while the consumer lag alarm is raised.",
+                overload["lag_alarm"])
+    if overload["backlog_s"] >= 0:
+        yield Point("streamtrain_overload_backlog_seconds", "gauge",
+                    "Consumer lag divided by the consumption speed: seconds to drain the backlog at the current pace.",
+                    overload["backlog_s"])
+    if "rows_dropped" in overload:
+        yield Point("streamtrain_overload_rows_dropped", "counter",
+                    "Unclicked exposures dropped by down-sampling (never trained, never scored).",
+                    overload["rows_dropped"])
+        yield Point("streamtrain_overload_rows_offered", "counter",
+                    "Samples that reached the down-sampler (kept + dropped).", overload["rows_offered"])
 
 
 def _redis_points(status: DaemonStatus) -> Iterator[Point]:

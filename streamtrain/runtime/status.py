@@ -53,6 +53,9 @@ class DaemonStatus:
     dead_polls: int = 0  # polls of this process whose messages mostly went to the DLQ
     current_version: VersionStatus | None = None
     releases: dict[str, int] = field(default_factory=dict)  # released, held, rollbacks, failures
+    # keep_rate, lag_alarm (0/1), backlog_s (-1: not measured yet); with down-sampling on also
+    # rows_offered, rows_dropped (since the run began: they are checkpointed), rows_held
+    overload: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON document: every object key a string (partition numbers included)."""
