@@ -94,8 +94,10 @@ class OverloadConfig(Section):
     train every positive and a keep-rate share of the unclicked exposures, weighted 1/rate in the
     CTR/CTCVR losses. The rate changes only at checkpoints and is saved in them (exact replay)."""
 
-    mode: Literal["off", "auto", "fixed"] = "auto"  # auto: down-sample only while the backlog is long AND growing, so
-    # replays and catch-ups after an outage still train on every sample; off: never; fixed: always keep_rate
+    mode: Literal["off", "auto", "fixed"] = "off"  # off: every sample is trained (a dropped negative is a modelling
+    # change the operator opts into, and two runs of one log stay comparable whatever their speed); auto:
+    # down-sample only while the backlog is long AND growing (replays and catch-ups still train every sample);
+    # fixed: always keep_rate. The lag alarm works in every mode and names auto as the remedy.
     keep_rate: float = Field(1.0, gt=0, le=1)  # mode=fixed: share of unclicked exposures trained
     min_keep_rate: float = Field(0.1, gt=0, le=1)  # mode=auto floor: below ~0.1 the 1/rate weights make the CTR
     # loss noisy (one kept negative stands for 10+) and the monitors' windows thin out
