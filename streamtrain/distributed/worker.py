@@ -60,7 +60,7 @@ from streamtrain.distributed.samples import SampleExchange
 from streamtrain.distributed.sharded_embedding import ShardedDynamicEmbedding
 from streamtrain.distributed.state import pack_state, unpack_state
 from streamtrain.distributed.topic import TorchTopicExchange
-from streamtrain.embedding.redis_tier import RedisColdTier
+from streamtrain.embedding.redis_tier import redis_cold_tiers
 from streamtrain.trainer import Trainer, build_trainer
 
 log = logging.getLogger("streamtrain.distributed")
@@ -148,14 +148,8 @@ class Worker:
 
     def _new_trainer(self) -> Trainer:
         cfg = self.config
-        cold_tier: Callable[[str], RedisColdTier | None] = lambda name: None  # noqa: E731
-        if cfg.redis.url:
-            import redis
-
-            client = redis.Redis.from_url(cfg.redis.url)
-            cold_tier = lambda name: RedisColdTier(client, f"{cfg.redis.key_prefix}emb:{name}:")  # noqa: E731
-        return build_trainer(cfg, self.device, cold_tier, embedding=partial(ShardedDynamicEmbedding, comm=self.comm),
-                             replicas=RowReplicas(self.comm))
+        return build_trainer(cfg, self.device, redis_cold_tiers(cfg.redis.url, cfg.redis.key_prefix),
+                             embedding=partial(ShardedDynamicEmbedding, comm=self.comm), replicas=RowReplicas(self.comm))
 
     def _new_pipeline(self) -> IngestPipeline:
         ingest = self.config.ingest()

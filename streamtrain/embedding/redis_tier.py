@@ -24,7 +24,7 @@ an older version or none.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import redis
 
@@ -121,3 +121,12 @@ class RedisColdTier:
                 pipe.execute()
         except redis.RedisError:
             self.errors += 1
+
+
+def redis_cold_tiers(url: str | None, key_prefix: str) -> Callable[[str], RedisColdTier | None]:
+    """Table name -> its cold tier under ``<key_prefix>emb:<name>:`` on one shared client,
+    or no tier at all when ``url`` is unset (the tables then never spill)."""
+    if not url:
+        return lambda name: None
+    client = redis.Redis.from_url(url)
+    return lambda name: RedisColdTier(client, f"{key_prefix}emb:{name}:")

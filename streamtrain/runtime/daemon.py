@@ -72,7 +72,7 @@ from monitors.alerts import build_sinks
 from monitors.suite import MonitorSuite
 from monitors.verdict import Verdict
 from streamtrain.config import StreamtrainConfig
-from streamtrain.embedding.redis_tier import RedisColdTier
+from streamtrain.embedding.redis_tier import redis_cold_tiers
 from streamtrain.runtime.control import ControlServer, ensure_token
 from streamtrain.runtime.metric_points import metric_points
 from streamtrain.runtime.metrics import DaemonMetrics
@@ -194,13 +194,7 @@ class Daemon:
     # ------------------------------------------------------------------ construction
     def _new_trainer(self) -> Trainer:
         cfg = self.config
-        cold_tier: Callable[[str], RedisColdTier | None] = lambda name: None  # noqa: E731
-        if cfg.redis.url:
-            import redis
-
-            client = redis.Redis.from_url(cfg.redis.url)
-            cold_tier = lambda name: RedisColdTier(client, f"{cfg.redis.key_prefix}emb:{name}:")  # noqa: E731
-        return build_trainer(cfg, self.device, cold_tier)
+        return build_trainer(cfg, self.device, redis_cold_tiers(cfg.redis.url, cfg.redis.key_prefix))
 
     def _new_pipeline(self) -> IngestPipeline:
         ingest = self.config.ingest()
