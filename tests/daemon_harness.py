@@ -6,9 +6,11 @@ import atexit
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 import numpy as np
@@ -94,6 +96,13 @@ def kill_leftover_daemons() -> None:
 
 
 atexit.register(kill_leftover_daemons)
+
+
+@pytest.fixture(autouse=True)
+def no_daemon_outlives_its_test() -> Iterator[None]:
+    """Autouse in every module that imports it: a failed test leaves no daemon behind."""
+    yield
+    kill_leftover_daemons()
 
 
 def final_state(run_dir: Path) -> Any:

@@ -19,7 +19,6 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,8 @@ import orjson
 import pytest
 
 from checkpoints import CheckpointStore, ledger_chain, ledger_ids
-from daemon_harness import final_state, kill_leftover_daemons, produce_log, start_daemon, write_config
+from daemon_harness import no_daemon_outlives_its_test  # noqa: F401 (autouse: no daemon outlives its test)
+from daemon_harness import final_state, produce_log, start_daemon, write_config
 from streamtrain.config import load_config
 from streamtrain.runtime import Daemon
 from streamtrain.runtime.overload import keep_fraction
@@ -40,12 +40,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 EXPOSURES = 4500
 STOP_AT = 1024  # kept samples trained in phase 1 (a multiple of the batch size 64)
 PHASES = ({"mode": "fixed", "keep_rate": 0.5}, {"mode": "fixed", "keep_rate": 0.25})
-
-
-@pytest.fixture(autouse=True)
-def _no_daemon_outlives_its_test() -> Iterator[None]:
-    yield
-    kill_leftover_daemons()
 
 
 @pytest.fixture(scope="module")

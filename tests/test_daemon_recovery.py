@@ -14,26 +14,20 @@ import random
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from checkpoints import ledger_chain, state_differences
-from daemon_harness import final_state, kill_leftover_daemons, produce_log, start_daemon, write_config
+from daemon_harness import no_daemon_outlives_its_test  # noqa: F401 (autouse: no daemon outlives its test)
+from daemon_harness import final_state, produce_log, start_daemon, write_config
 from streamtrain.runtime.exactness import NOT_REPLAYED
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 EXPOSURES = 4500  # asked of the simulator (it finishes the last request); every one becomes a sample
 KILLS = 5
-
-
-@pytest.fixture(autouse=True)
-def _no_daemon_outlives_its_test() -> Iterator[None]:
-    yield
-    kill_leftover_daemons()
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,8 @@ import torch
 
 from checkpoints import CheckpointStore, ledger_chain, state_differences
 from consumers.reshard import regroup
-from daemon_harness import final_state, kill_leftover_daemons, produce_log, start_daemon, write_config
+from daemon_harness import no_daemon_outlives_its_test  # noqa: F401 (autouse: no daemon outlives its test)
+from daemon_harness import final_state, produce_log, start_daemon, write_config
 from streamtrain.distributed.layout import RunState, decompose, placement, split
 from test_daemon_recovery import NOT_REPLAYED
 
@@ -54,12 +55,6 @@ CUT = 640  # samples (10 batches of 64) trained before a checkpoint changes hand
 # beyond |a - b| <= ATOL + RTOL |b|.
 REL_L2, ATOL, RTOL, OUTLIERS = 2e-3, 1e-4, 1e-3, 1e-3
 NOT_COMPARED = {**NOT_REPLAYED, "monitors": "windows of prequential scores: within rounding, compared by the AUC below"}
-
-
-@pytest.fixture(autouse=True)
-def _no_daemon_outlives_its_test() -> Iterator[None]:
-    yield
-    kill_leftover_daemons()
 
 
 @pytest.fixture(scope="module")
