@@ -15,7 +15,8 @@ repo="$PWD"
 out="$(realpath -m "${1:-runs/look}")"
 seconds="${2:-45}"
 shift $(( $# < 2 ? $# : 2 ))
-demo_flags="$(printf ' %q' "$@")"
+demo_flags=""
+[ "$#" -eq 0 ] || demo_flags="$(printf ' %q' "$@")"  # printf with no arguments would still print one empty word
 python="${PYTHON:-$repo/.venv/bin/python}"
 for tool in tmux chromium "$python"; do
   command -v "$tool" >/dev/null || { echo "look.sh: $tool is missing" >&2; exit 1; }
