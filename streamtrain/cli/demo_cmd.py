@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import logging
 import shutil
+import sys
 import threading
 from pathlib import Path
 from typing import Any
