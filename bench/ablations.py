@@ -59,7 +59,7 @@ from consumers.schema import Action, hash_id
 from streamtrain.simulator import EventStream
 
 _TABLES = ("item", "user", "sparse")
-HASH_BUCKETS = 1024  # about the demo world's 1,000 items: ~37 % of them share a row with another
+HASH_BUCKETS = 1024  # about the demo world's 1,000 items: ~59 % of them share a row with another
 _EVERY_ROW = [f"embeddings.{t}.{k}" for t in _TABLES for k in ("admission.min_count=1", "eviction.policy=none")]
 VARIANTS: dict[str, list[str]] = {
     "full": [],
