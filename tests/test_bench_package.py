@@ -24,7 +24,7 @@ from streamtrain.config import ConfigError, StreamtrainConfig, build_config, rea
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_YAML = REPO / "configs" / "demo.yaml"
-RUNNABLE = {"embeddings", "hstu", "ingest", "monitors", "daemon", "chaos", "trainer", "stats", "scale"}  # the benchmarks docs/benchmarks.md lists
+RUNNABLE = {"embeddings", "hstu", "ingest", "monitors", "daemon", "chaos", "trainer", "stats", "scale", "quality", "ablations"}  # the benchmarks docs/benchmarks.md lists
 
 
 def test_every_bench_module_imports_without_side_effects(capfd: pytest.CaptureFixture[str]) -> None:

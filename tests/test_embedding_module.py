@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from streamtrain.embedding import EmbeddingTableConfig
-from streamtrain.modules.dynamic_embedding import DynamicEmbedding, DynamicEmbeddingBag
+from streamtrain.modules.dynamic_embedding import DynamicEmbedding, DynamicEmbeddingBag, hash_bucket
 
 CFG = EmbeddingTableConfig(dim=5, initial_rows=8, admission={"min_count": 1}, optimizer={"kind": "sgd", "lr": 0.5})
 
@@ -67,3 +67,17 @@ def test_embedding_package_imports_only_itself_and_third_parties() -> None:
                 assert top not in {"consumers", "monitors", "checkpoints"}, f"{source.name} imports {name}"
                 if top == "streamtrain":
                     assert name.startswith("streamtrain.embedding"), f"{source.name} imports {name}"
+
+
+def test_hash_buckets_make_a_fixed_table_whose_colliding_ids_share_a_row() -> None:
+    ids = torch.arange(0, 41)  # 0 is padding
+    buckets = hash_bucket(ids, 4)
+    assert buckets[0] == 0 and set(buckets[1:].tolist()) == {1, 2, 3, 4}
+    hashed = DynamicEmbedding(CFG.model_copy(update={"hash_buckets": 4}))
+    out = hashed(ids)
+    assert hashed.table.size == 4 and not out[0].any()
+    for a, b in ((1, j) for j in range(2, 41)):  # same bucket <=> same row
+        assert torch.equal(out[a], out[b]) == bool(buckets[a] == buckets[b]), (a, b)
+    dynamic = DynamicEmbedding(CFG.model_copy(update={"initial_rows": 64}))
+    dynamic(ids)
+    assert dynamic.table.size == 40  # one row per id

@@ -14,7 +14,7 @@ from streamtrain.config import TrainerConfig
 from streamtrain.embedding import EmbeddingTableConfig
 from streamtrain.embedding.config import AdmissionConfig
 from streamtrain.modules.config import ESMMConfig, HSTUConfig, ModelConfig, RetrievalConfig
-from streamtrain.modules.rec_model import EMBEDDING_KEYS, RecModel
+from streamtrain.modules.rec_model import EMBEDDING_KEYS, PRIOR_INPUTS, TIME_INPUTS, RecModel
 from streamtrain.trainer import Predictions, Trainer
 from model_fixtures import SyntheticWorld, auc, make_embeddings, to_tensors
 
@@ -219,3 +219,45 @@ def test_the_meanpool_encoder_is_a_causal_mean_that_ignores_padding() -> None:
     padded = torch.cat([torch.randn(2, 1, 4), x], dim=1)  # more padding in front changes nothing
     again = enc(padded, torch.zeros(2, 6, dtype=torch.int64), torch.tensor([3, 5]))
     assert torch.allclose(again[:, 1:], out, atol=1e-6)
+
+
+def _shifted(batch: dict[str, np.ndarray], fields: tuple[str, ...], seed: int = 7) -> dict[str, np.ndarray]:
+    """``batch`` with new random values in ``fields`` (within each field's valid range)."""
+    rng = np.random.default_rng(seed)
+    out = dict(batch)
+    for name in fields:
+        v = batch[name]
+        if name in PRIOR_INPUTS:
+            out[name] = rng.uniform(0.01, 0.99, v.shape).astype(v.dtype)
+        elif name in ("hist_ts", "ts"):
+            out[name] = v - rng.integers(0, 10**9, v.shape)
+        else:  # categorical buckets: hour, weekday, gap buckets
+            out[name] = rng.integers(0, 7, v.shape).astype(v.dtype)
+    return out
+
+
+@pytest.mark.parametrize(("switch", "fields"), [("time_features", TIME_INPUTS), ("ctr_prior_features", PRIOR_INPUTS)])
+def test_an_ablated_input_changes_nothing_and_a_kept_one_does(switch: str, fields: tuple[str, ...]) -> None:
+    batch = _batch(size=24, negatives=2)
+    for on in (True, False):
+        model = _model(SMALL.model_copy(update={switch: on})).eval()
+        with torch.no_grad():
+            ref, moved = model(to_tensors(batch)), model(to_tensors(_shifted(batch, fields)))
+        assert torch.equal(ref["ctr_logit"], moved["ctr_logit"]) != on, (switch, on)
+        assert torch.equal(ref["cvr_logit"], moved["cvr_logit"]) != on, (switch, on)
+
+
+def test_without_rank_package_negatives_the_package_is_ignored_by_every_loss() -> None:
+    batch = _batch(size=32, negatives=3)
+    assert batch["rank_package"].any()
+    empty = dict(batch, rank_package=np.zeros_like(batch["rank_package"]))
+    losses = {}
+    for on, sample in ((True, batch), (False, batch), (True, empty)):
+        model = _model(SMALL.model_copy(update={"retrieval": RetrievalConfig(dim=DIM, rank_package_negatives=on)}))
+        tensors = to_tensors(sample)
+        losses[on, sample is empty] = model.loss(tensors, model(tensors))[1]
+    # switched off == the same model fed empty packages; on, the package changes both terms
+    for part in ("nce", "rank", "total"):
+        torch.testing.assert_close(losses[False, False][part], losses[True, True][part])
+    assert losses[True, True]["rank"] == 0 < losses[True, False]["rank"]
+    assert not torch.equal(losses[True, False]["nce"], losses[False, False]["nce"])

@@ -74,6 +74,10 @@ class EmbeddingTableConfig(_Section):
     init_bound: float = Field(0.05, gt=0.0)  # uniform(-b, b): std 0.029, near the usual 0.02-0.03 for recsys ids
     default_row: Literal["zero", "learned"] = "zero"  # zero: unadmitted ids contribute nothing until they earn a row
     seed: int = 0  # salts row initialisation: same seed, same initial rows, on any device
+    # Ablation (bench/ablations.py): N turns the table into a fixed hashed one -- ids are replaced
+    # by splitmix64(id) mod N + 1 before the lookup, so colliding ids share a row (keys in deltas and
+    # published tables are then bucket numbers). None: one row per admitted id.
+    hash_buckets: int | None = Field(None, ge=1)
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     eviction: EvictionConfig = Field(default_factory=EvictionConfig)
     optimizer: RowOptimizerConfig = Field(default_factory=RowOptimizerConfig)

@@ -79,6 +79,9 @@ class RetrievalConfig(_Section):
     # 1/temperature-sized gradients filled the shared rows', slowing ranking. 100k demo-world
     # exposures: CTR AUC 0.820 off vs 0.784 on; prequential InfoNCE 4.97 vs 4.95 (chance ~5.6).
     train_shared: bool = False
+    # Ablation: False reads every rank-package slot as empty, so InfoNCE sees only the random and
+    # in-batch negatives and the rank loss has nothing to order (bench/ablations.py).
+    rank_package_negatives: bool = True
 
     @model_validator(mode="after")
     def _one_grade_per_slot(self) -> RetrievalConfig:
@@ -99,6 +102,12 @@ class ModelConfig(_Section):
     retrieval_weight: float = Field(0.1, ge=0.0)  # retrieval is auxiliary to ranking in the total loss
     # hstu: the HSTU encoder; meanpool: a causal mean of the history (the ablation bench.quality compares)
     sequence_encoder: Literal["hstu", "meanpool"] = "hstu"
+    # Ablation (bench/ablations.py): False feeds the model zeros for hour, weekday, gap bucket,
+    # history ages and event times (HSTU's time bias then sees Δt = 0); the samples keep them.
+    time_features: bool = True
+    # Ablation (bench/ablations.py): False feeds the model 0.5 (logit 0) for the user and item CTR
+    # priors (issue #14's comparison); the samples keep them.
+    ctr_prior_features: bool = True
     hstu: HSTUConfig = HSTUConfig()
     esmm: ESMMConfig = ESMMConfig()
     retrieval: RetrievalConfig = RetrievalConfig()

@@ -28,6 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from streamtrain.embedding import ColdTier, EmbeddingTable, EmbeddingTableConfig
+from streamtrain.embedding.hashing import mix64
+
+
+def hash_bucket(ids: torch.Tensor, buckets: int) -> torch.Tensor:
+    """Ids (int64, any shape) -> buckets 1..``buckets`` by splitmix64, 0 (padding) kept."""
+    return torch.where(ids == 0, 0, torch.remainder(mix64(ids), buckets) + 1)
 
 
 class DynamicEmbedding(nn.Module):
@@ -36,6 +42,7 @@ class DynamicEmbedding(nn.Module):
     def __init__(self, config: EmbeddingTableConfig, *, device: torch.device | str = "cpu", cold_tier: ColdTier | None = None) -> None:
         super().__init__()
         self.table = EmbeddingTable(config, device=device, cold_tier=cold_tier)
+        self._buckets = config.hash_buckets
         # One (rows (U,), leaf (U, D)) per training forward of this step; the leaf's grad is
         # the coalesced gradient of its rows (autograd sums duplicate ids).
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -46,6 +53,8 @@ class DynamicEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor, *, now_ms: int | None = None) -> torch.Tensor:
         learn = self.training and torch.is_grad_enabled()
+        if self._buckets is not None:
+            ids = hash_bucket(ids, self._buckets)
         hit = self.table.lookup(ids, train=learn, now_ms=now_ms)
         rows = self.table.embeddings(hit.rows)  # (U, D)
         if learn:

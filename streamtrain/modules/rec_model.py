@@ -37,6 +37,9 @@ EMBEDDING_KEYS = ("item", "user", "sparse")
 _ITEM_FIELD, _USER_FIELD = 1, 2  # positions in the ESMM fields: (target-aware state, item, user, sparse...)
 TARGET_ACTION = len(Action)  # the target's action is what we predict: it gets its own code
 _NOW_GAP_BUCKET = 0  # the target is 0 ms old; row 0 is shared with padding, which is masked
+TIME_INPUTS = ("hour", "weekday", "gap_bucket", "hist_gap_buckets", "hist_ts", "ts")
+PRIOR_INPUTS = ("user_ctr_prior", "item_ctr_prior")
+_NEUTRAL_PRIOR = 0.5  # logit 0: the prior adds nothing to the ESMM input
 
 
 class RecModel(nn.Module):
@@ -75,6 +78,17 @@ class RecModel(nn.Module):
         """Parameters of the model itself, without the injected embedding tables."""
         return (p for name, p in self.named_parameters() if not name.startswith("embeddings."))
 
+    def ablated(self, batch: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """``batch`` with the inputs an ablation switch turns off (``ModelConfig.time_features``,
+        ``ctr_prior_features``, ``retrieval.rank_package_negatives``) replaced by constants: a
+        constant carries no information, and the model's shapes stay those of the full model."""
+        cfg = self.config
+        off = {k: torch.zeros_like(batch[k]) for k in TIME_INPUTS if not cfg.time_features}
+        off |= {k: torch.full_like(batch[k], _NEUTRAL_PRIOR) for k in PRIOR_INPUTS if not cfg.ctr_prior_features}
+        if not cfg.retrieval.rank_package_negatives:
+            off["rank_package"] = torch.zeros_like(batch["rank_package"])  # 0 = empty slot
+        return {**batch, **off} if off else batch
+
     def item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
         """Retrieval vectors for item ids: (N,) → (N, retrieval.dim), unit norm (for export)."""
         return self.retrieval.item_vectors(self.embeddings["item"](ids))
@@ -101,6 +115,7 @@ class RecModel(nn.Module):
         Returns ``ctr_logit``, ``cvr_logit``, ``p_ctr``, ``p_cvr``, ``p_ctcvr`` (B,);
         ``user_vec``, ``item_vec`` (B, dim) and ``neg_vec`` (B, P + K, dim) retrieval vectors.
         """
+        batch = self.ablated(batch)
         for field, want in (("sparse", self.config.num_sparse_features), ("dense", self.config.num_dense_features)):
             if batch[field].shape[1] != want:
                 raise ValueError(f"batch has {batch[field].shape[1]} {field} features, model.num_{field}_features={want}")
@@ -152,6 +167,7 @@ class RecModel(nn.Module):
         counted when the exposure was first emitted).
         """
         cfg = self.config
+        batch = self.ablated(batch)
         click = batch["click"]
         parts = esmm_loss(
             outputs["ctr_logit"], outputs["cvr_logit"], click, batch["convert"], batch["is_correction"], cfg.esmm,
