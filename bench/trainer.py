@@ -89,8 +89,11 @@ def worktree(rev: str) -> Iterator[Path]:
 
 @contextmanager
 def module_ranges(model: torch.nn.Module) -> Iterator[None]:
-    """Profiler ranges around the forward of the model's parts (forward hooks: public API)."""
+    """Profiler ranges around the forward of the model's parts (forward hooks: public API),
+    and around the encoder's ``forward_with_targets`` (the model calls that method, which
+    hooks do not see) where a revision has it."""
     handles = []
+    wrapped: list[torch.nn.Module] = []
     for label, names in FORWARD_PARTS.items():
         modules = [m for name in names for m in _modules(model, name)]
         for module in modules:
@@ -103,11 +106,22 @@ def module_ranges(model: torch.nn.Module) -> Iterator[None]:
                 ranges.pop().__exit__(None, None, None)
 
             handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+            if hasattr(module, "forward_with_targets"):
+                method = module.forward_with_targets
+
+                def ranged(*args: Any, method: Any = method, label: str = label, **kwargs: Any) -> Any:
+                    with record_function(f"forward.{label}"):
+                        return method(*args, **kwargs)
+
+                module.forward_with_targets = ranged  # an instance attribute: shadows the method
+                wrapped.append(module)
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+        for module in wrapped:
+            del module.forward_with_targets
 
 
 def _modules(model: torch.nn.Module, name: str) -> list[torch.nn.Module]:

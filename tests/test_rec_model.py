@@ -219,3 +219,27 @@ def test_the_meanpool_encoder_is_a_causal_mean_that_ignores_padding() -> None:
     padded = torch.cat([torch.randn(2, 1, 4), x], dim=1)  # more padding in front changes nothing
     again = enc(padded, torch.zeros(2, 6, dtype=torch.int64), torch.tensor([3, 5]))
     assert torch.allclose(again[:, 1:], out, atol=1e-6)
+
+
+def test_distinct_rows_finds_equal_rows_exactly() -> None:
+    from streamtrain.modules.rec_model import distinct_rows
+
+    x = torch.tensor([[3, 1, 0], [1, 3, 0], [3, 1, 0], [0, 0, 0], [1, 3, 0], [3, 1, 0]])
+    first, owner = distinct_rows(x)
+    assert torch.equal(x[first][owner], x)
+    assert sorted(first.tolist()) == [0, 1, 3]  # the lowest row of each value
+    assert torch.equal(owner[[0, 2, 5]], owner[[0, 0, 0]]) and owner.unique().numel() == 3
+
+
+def test_rows_sharing_a_history_score_as_if_alone() -> None:
+    """Rows of one request share their history, which the model encodes once: each row
+    scores as it does in a batch of its own."""
+    model = _model().eval()
+    batch = _batch(size=8)
+    for key in ("user", "ts", "hist_len", "hist_items", "hist_actions", "hist_ts", "hist_gap_buckets"):
+        batch[key][4:] = batch[key][3]  # rows 3..7: one request, five exposures
+    together = model(to_tensors(batch))
+    for row in (0, 3, 6):
+        alone = model(to_tensors({k: v[row : row + 1] for k, v in batch.items()}))
+        for key in ("p_ctr", "p_ctcvr", "user_vec"):
+            torch.testing.assert_close(together[key][row : row + 1], alone[key], atol=1e-6, rtol=1e-5)

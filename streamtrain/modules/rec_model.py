@@ -27,9 +27,10 @@ import torch
 from torch import nn
 
 from consumers.schema import RANK_PACKAGE_SLOTS, Action
+from streamtrain.embedding.hashing import mix64
 from streamtrain.modules.config import ModelConfig
 from streamtrain.modules.esmm import ContextFeatures, ESMMHeads, ctcvr_log_probs, dot_interactions, esmm_loss
-from streamtrain.modules.hstu import HSTUEncoder
+from streamtrain.modules.hstu import HSTUEncoder, gather
 from streamtrain.modules.meanpool import MeanPoolEncoder
 from streamtrain.modules.retrieval import RetrievalHead, info_nce_loss, rank_package_loss
 
@@ -37,6 +38,29 @@ EMBEDDING_KEYS = ("item", "user", "sparse")
 _ITEM_FIELD, _USER_FIELD = 1, 2  # positions in the ESMM fields: (target-aware state, item, user, sparse...)
 TARGET_ACTION = len(Action)  # the target's action is what we predict: it gets its own code
 _NOW_GAP_BUCKET = 0  # the target is 0 ms old; row 0 is shared with padding, which is masked
+
+
+def distinct_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Equal rows of an int64 matrix (B, W): ``(first, owner)`` with ``first`` (U,) the lowest
+    row of each distinct value, in the order of the rows' hashes, and ``owner`` (B,) the index
+    into ``first`` of each row, so ``x[first][owner] == x``.
+
+    A 1-D unique of a row hash, verified: ``torch.unique(dim=0)`` costs a few ops per row on
+    CPU. A hash collision (never seen) falls back to it, so the result is always exact."""
+    salts = mix64(torch.arange(x.shape[1], device=x.device, dtype=torch.int64))  # (W,) one per column
+    _, owner = torch.unique(mix64(mix64(x + salts).sum(1)), return_inverse=True)  # (B,); the sum wraps
+    first = _first(owner)
+    if not torch.equal(x.index_select(0, first).index_select(0, owner), x):  # one host sync
+        _, owner = torch.unique(x, dim=0, return_inverse=True)
+        first = _first(owner)
+    return first, owner
+
+
+def _first(owner: torch.Tensor) -> torch.Tensor:
+    """owner (B,) in 0..U-1, every value present → the lowest row of each, (U,)."""
+    b = owner.shape[0]
+    rows = torch.arange(b, device=owner.device)
+    return owner.new_full((int(owner.max()) + 1 if b else 0,), b).scatter_reduce_(0, owner, rows, reduce="amin")
 
 
 class RecModel(nn.Module):
@@ -81,19 +105,28 @@ class RecModel(nn.Module):
 
     def _sequence(
         self, batch: Mapping[str, torch.Tensor], history_emb: torch.Tensor, target_emb: torch.Tensor
-    ) -> torch.Tensor:
-        """Encode the kept history (B, L', D) followed by the target (B, D): returns the HSTU
-        outputs (B, L' + 1, D). ``L'`` columns are the most recent ones of each history field."""
-        hist_len = batch["hist_len"]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode each row's kept history (B, L', D) followed by its target (B, D); returns the
+        encoder's outputs at the last history event and at the target, (B, D) each. ``L'``
+        columns are the most recent ones of each history field.
+
+        The exposures of one request share their history (the same events, the same ages):
+        each distinct history is encoded once and its rows only add their target's query
+        (``forward_with_targets``), which causal attention makes exact."""
         keep = history_emb.shape[1]
-        b = hist_len.shape[0]
+        hist_len = batch["hist_len"].clamp(max=keep)
         actions = batch["hist_actions"][:, -keep:]
         ages = batch["hist_gap_buckets"][:, -keep:].clamp(max=self.config.num_gap_buckets - 1)
-        x = torch.cat([history_emb, target_emb[:, None]], dim=1)  # (B, N, D)
-        x = x + self.action(torch.cat([actions, actions.new_full((b, 1), TARGET_ACTION)], dim=1))
-        x = x + self.age(torch.cat([ages, ages.new_full((b, 1), _NOW_GAP_BUCKET)], dim=1))
-        ts = torch.cat([batch["hist_ts"][:, -keep:], batch["ts"][:, None]], dim=1)  # (B, N)
-        return self.hstu(x, ts, hist_len.clamp(max=keep) + 1)
+        ts = batch["hist_ts"][:, -keep:]
+        # Everything the encoder reads of a history; equal signatures give equal outputs.
+        signature = torch.cat([batch["hist_items"][:, -keep:], actions, ages, ts, hist_len[:, None]], dim=1)
+        first, owner = distinct_rows(signature)  # (U,) a row holding each history, (B,) each row's history
+        x = gather(history_emb, first) + self.action(actions.index_select(0, first))
+        x = x + self.age(ages.index_select(0, first))  # (U, L', D)
+        target = target_emb + self.action.weight[TARGET_ACTION] + self.age.weight[_NOW_GAP_BUCKET]  # (B, D)
+        history, target_state = self.hstu.forward_with_targets(
+            x, ts.index_select(0, first), hist_len.index_select(0, first), owner, target, batch["ts"])
+        return gather(history[:, -1], owner), target_state
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Score a sample batch (schema.py field names, tensors on this module's device).
@@ -113,10 +146,10 @@ class RecModel(nn.Module):
         emb = self.embeddings["item"](ids)  # (B, keep + 1 + P + K, D): one lookup for all item ids
         history_emb, target_emb, neg_emb = emb[:, :keep], emb[:, keep], emb[:, keep + 1 :]
         user_emb = self.embeddings["user"](batch["user"])  # (B, D)
-        h = self._sequence(batch, history_emb, target_emb)  # (B, N, D)
+        state, target_state = self._sequence(batch, history_emb, target_emb)  # (B, D) each
 
         fields = torch.cat(
-            [h[:, -1:], target_emb[:, None], user_emb[:, None], self.embeddings["sparse"](batch["sparse"])], dim=1
+            [target_state[:, None], target_emb[:, None], user_emb[:, None], self.embeddings["sparse"](batch["sparse"])], dim=1
         )  # (B, F, D): target-aware user state, target item, user, sparse features
         context = self.context(
             batch["hour"], batch["weekday"], batch["gap_bucket"], batch["dense"],
@@ -126,7 +159,7 @@ class RecModel(nn.Module):
         ctr_logit, cvr_logit = self.esmm(torch.cat([fields.reshape(b, -1), dots, context], dim=-1), dots)
         log_p_ctcvr, _ = ctcvr_log_probs(ctr_logit, cvr_logit, self.config.esmm.prob_eps)
         # Retrieval reads the state at the last history event (it must not see the target).
-        retrieval_in = (h[:, -2], user_emb, target_emb, neg_emb)
+        retrieval_in = (state, user_emb, target_emb, neg_emb)
         if not self.config.retrieval.train_shared:  # then its losses train only the retrieval towers
             retrieval_in = tuple(t.detach() for t in retrieval_in)
         state, user, item, negatives = retrieval_in
