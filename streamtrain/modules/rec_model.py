@@ -21,7 +21,7 @@ int64 ids ``(...)`` to ``(..., embedding_dim)`` with zeros for id 0. Everything 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -83,6 +83,7 @@ class RecModel(nn.Module):
         dot_weights = self._dot_weights(n_fields) if config.esmm.ctr_dot_logit else None
         self.esmm = ESMMHeads(config.esmm, shared_dim, dot_weights)
         self.retrieval = RetrievalHead(config.retrieval, user_in=2 * d, item_in=d)
+        self._compiled_encoder: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None  # compile_encoder()
         grades = config.retrieval.rank_grades
         self.register_buffer(  # positive first, graded above every rank-package slot
             "rank_grades", torch.tensor([max(grades) + 1, *grades]), persistent=False
@@ -94,6 +95,13 @@ class RecModel(nn.Module):
         of ``dot_interactions`` (the upper triangle, row-major). (F(F-1)/2,)"""
         rows, cols = torch.triu_indices(n_fields, n_fields, offset=1)
         return ((rows == _ITEM_FIELD) & (cols == _USER_FIELD)).float()
+
+    def compile_encoder(self) -> None:
+        """``torch.compile`` the sequence encoder with its target queries: the step's longest
+        run of small dense ops (the embedding lookups around it are data-dependent hash-map
+        work that would only break the graph). Dynamic shapes from the first call, so batches
+        of another history count or crop reuse the graph instead of recompiling."""
+        self._compiled_encoder = torch.compile(self.hstu.forward_with_targets, dynamic=True)
 
     def dense_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of the model itself, without the injected embedding tables."""
@@ -124,7 +132,8 @@ class RecModel(nn.Module):
         x = gather(history_emb, first) + self.action(actions.index_select(0, first))
         x = x + self.age(ages.index_select(0, first))  # (U, L', D)
         target = target_emb + self.action.weight[TARGET_ACTION] + self.age.weight[_NOW_GAP_BUCKET]  # (B, D)
-        history, target_state = self.hstu.forward_with_targets(
+        encode = self._compiled_encoder or self.hstu.forward_with_targets
+        history, target_state = encode(
             x, ts.index_select(0, first), hist_len.index_select(0, first), owner, target, batch["ts"])
         return gather(history[:, -1], owner), target_state
 
