@@ -1,6 +1,6 @@
 """One timing of ``Trainer.step`` on real batches, in whatever checkout is first on ``sys.path``.
 
-    python bench/trainer_child.py demo|default WARMUP TIMED [EXPOSURES]
+    python bench/trainer_child.py demo|default WARMUP TIMED [EXPOSURES [THREADS]]
 
 Run by ``bench.trainer`` as a subprocess, for this checkout and, with ``--against REV``, for
 another revision's checkout: so it imports nothing from ``bench`` and adapts to the API of
@@ -84,7 +84,7 @@ def trainer(cfg):
 def main() -> None:
     which, warmup, timed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     exposures = int(sys.argv[4]) if len(sys.argv) > 4 else 60_000
-    torch.set_num_threads(1)  # the daemon's default (trainer.threads): one intra-op thread
+    torch.set_num_threads(int(sys.argv[5]) if len(sys.argv) > 5 else 1)  # the daemon's default (trainer.threads): 1
     torch.use_deterministic_algorithms(True, warn_only=True)  # as the daemon runs it
     cfg = config(which, exposures)
     data = batches(cfg, warmup + timed)
@@ -99,7 +99,7 @@ def main() -> None:
     elapsed = time.perf_counter() - start
     size = cfg.trainer.batch_size
     print(json.dumps({"config": which, "samples_per_s": size * timed / elapsed, "step_ms": 1000 * elapsed / timed,
-                      "batch_size": size, "steps": timed, "mean_hist_len": float(sum(b["hist_len"].mean() for b in data[warmup:]) / timed)}))
+                      "batch_size": size, "steps": timed, "threads": torch.get_num_threads(), "mean_hist_len": float(sum(b["hist_len"].mean() for b in data[warmup:]) / timed)}))
 
 
 if __name__ == "__main__":
