@@ -14,7 +14,9 @@ of 32, the joiner's history of 32). One intra-op thread, as the daemon runs by d
   interleaved and the best is kept (other processes only ever add time).
 * ``--against REV``: the same measurement, interleaved with ours, in a ``git worktree``
   of REV (each revision builds its own batches from the same events with its own joiner);
-  ``speedup_*`` = ours / theirs samples/s, measured in one run.
+  ``speedup_*`` = ours / theirs samples/s, measured in one run; ``cpu_speedup_*`` the same
+  per CPU second of each process (``cpu_samples_per_s_*``): on a machine shared with other
+  jobs, time spent waiting for a core inflates wall time but not CPU time.
 * **phases**: the step's time split by ``torch.profiler`` ranges: ``Trainer.step``'s own
   (to device, forward, loss, backward, dense optimizer, sparse table update, to host) and,
   inside the forward, the embedding lookups (resolve + gather), the HSTU encoder and the
@@ -193,13 +195,19 @@ def main() -> None:
             result[f"samples_per_s_{which}"] = rounded(ours["samples_per_s"], 1)
             result[f"step_ms_{which}"] = rounded(ours["step_ms"], 2)
             result[f"batch_size_{which}"] = ours["batch_size"]
+            ours_cpu = max(r["cpu_samples_per_s"] for r in runs["ours"])
+            result[f"cpu_samples_per_s_{which}"] = rounded(ours_cpu, 1)
             if theirs is not None:
                 best = max(runs["theirs"], key=lambda r: r["samples_per_s"])
                 result[f"theirs_samples_per_s_{which}"] = rounded(best["samples_per_s"], 1)
                 result[f"speedup_{which}"] = rounded(ours["samples_per_s"] / best["samples_per_s"], 3)
+                theirs_cpu = max(r["cpu_samples_per_s"] for r in runs["theirs"])
+                result[f"theirs_cpu_samples_per_s_{which}"] = rounded(theirs_cpu, 1)
+                result[f"cpu_speedup_{which}"] = rounded(ours_cpu / theirs_cpu, 3)
             print(f"{which}: ours {ours['samples_per_s']:,.0f} samples/s ({ours['step_ms']:.1f} ms/step)"
                   + (f", {args.against} {result[f'theirs_samples_per_s_{which}']:,.0f} samples/s: "
-                     f"speedup {result[f'speedup_{which}']:.2f}x" if theirs is not None else ""), flush=True)
+                     f"speedup {result[f'speedup_{which}']:.2f}x (per CPU second {result[f'cpu_speedup_{which}']:.2f}x)"
+                     if theirs is not None else ""), flush=True)
     peak = matmul_flops_per_s(threads=args.threads)
     result["matmul_gflops"] = rounded(peak / 1e9, 2)
     result["phases"] = {}
