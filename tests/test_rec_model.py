@@ -264,3 +264,12 @@ def test_compiled_encoder_trains_like_the_eager_one_on_cuda() -> None:
         a, b = eager.step(batch), compiled.step(batch)
         np.testing.assert_allclose(a.predictions.p_ctr, b.predictions.p_ctr, atol=2e-2)
         assert abs(a.losses["total"] - b.losses["total"]) < 5e-2
+
+
+def test_distinct_rows_survives_hash_collisions(monkeypatch: pytest.MonkeyPatch) -> None:
+    import streamtrain.modules.rec_model as rec_model
+
+    monkeypatch.setattr(rec_model, "mix64", lambda t: t * 0)  # every row hashes alike
+    x = torch.tensor([[3, 1], [1, 3], [3, 1], [2, 2]])
+    first, owner = rec_model.distinct_rows(x)
+    assert torch.equal(x[first][owner], x) and first.numel() == 3

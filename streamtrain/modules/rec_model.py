@@ -46,21 +46,21 @@ def distinct_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     into ``first`` of each row, so ``x[first][owner] == x``.
 
     A 1-D unique of a row hash, verified: ``torch.unique(dim=0)`` costs a few ops per row on
-    CPU. A hash collision (never seen) falls back to it, so the result is always exact."""
+    CPU. A hash collision (never seen) falls back to it, so the result is always exact. The
+    verification is a host sync on CUDA (as is any unique: its size is data)."""
     salts = mix64(torch.arange(x.shape[1], device=x.device, dtype=torch.int64))  # (W,) one per column
-    _, owner = torch.unique(mix64(mix64(x + salts).sum(1)), return_inverse=True)  # (B,); the sum wraps
-    first = _first(owner)
-    if not torch.equal(x.index_select(0, first).index_select(0, owner), x):  # one host sync
-        _, owner = torch.unique(x, dim=0, return_inverse=True)
-        first = _first(owner)
+    hashes, owner = torch.unique(mix64(mix64(x + salts).sum(1)), return_inverse=True)  # (U,), (B,); the sum wraps
+    first = _first(owner, hashes.shape[0])
+    if not torch.equal(x.index_select(0, first).index_select(0, owner), x):
+        distinct, owner = torch.unique(x, dim=0, return_inverse=True)
+        first = _first(owner, distinct.shape[0])
     return first, owner
 
 
-def _first(owner: torch.Tensor) -> torch.Tensor:
-    """owner (B,) in 0..U-1, every value present → the lowest row of each, (U,)."""
-    b = owner.shape[0]
-    rows = torch.arange(b, device=owner.device)
-    return owner.new_full((int(owner.max()) + 1 if b else 0,), b).scatter_reduce_(0, owner, rows, reduce="amin")
+def _first(owner: torch.Tensor, distinct: int) -> torch.Tensor:
+    """owner (B,) in 0..distinct-1, every value present → the lowest row of each, (distinct,)."""
+    rows = torch.arange(owner.shape[0], device=owner.device)
+    return owner.new_full((distinct,), owner.shape[0]).scatter_reduce_(0, owner, rows, reduce="amin")
 
 
 class RecModel(nn.Module):
