@@ -115,7 +115,8 @@ def _fwd_bwd(layer: nn.Module, x: torch.Tensor, ts: torch.Tensor, valid_len: tor
 
 def _bench_case(n: int, lengths: str, repeats: int, gen: torch.Generator) -> dict[str, float | int | str]:
     cpu = torch.device("cpu")
-    cfg = HSTUConfig(num_layers=1, num_heads=HEADS, qk_dim=D // HEADS, v_dim=D // HEADS, kernel="pytorch")
+    cfg = HSTUConfig(num_layers=1, num_heads=HEADS, qk_dim=D // HEADS, v_dim=D // HEADS, kernel="pytorch",
+                     length_groups=4)  # what this benchmark measures: grouping at L=200
     ours = HSTUEncoder(cfg, D, max_len=n)
     naive = NaiveHSTULayer(D, HEADS, max_len=n).copy_from(ours)
     x, ts, valid_len = _inputs(n, lengths, cpu, gen)

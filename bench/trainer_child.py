@@ -1,6 +1,6 @@
 """One timing of ``Trainer.step`` on real batches, in whatever checkout is first on ``sys.path``.
 
-    python bench/trainer_child.py demo|default WARMUP TIMED [EXPOSURES]
+    python bench/trainer_child.py demo|default WARMUP TIMED [EXPOSURES [THREADS]]
 
 Run by ``bench.trainer`` as a subprocess, for this checkout and, with ``--against REV``, for
 another revision's checkout: so it imports nothing from ``bench`` and adapts to the API of
@@ -8,7 +8,9 @@ the revision it runs in (older revisions cut fixed-size batches inside ``IngestP
 and named the demo settings ``DEMO_DEFAULTS``). It builds its own batches from the same
 seeded simulator events with that revision's own joiner (the sample format may differ
 between revisions), trains ``WARMUP`` batches untimed (histories and tables warm up),
-then times ``TIMED`` steps. Prints one JSON object: samples/s, ms per step, batch size.
+then times ``TIMED`` steps. Prints one JSON object: samples/s (wall clock, and per CPU second of
+this process: on a shared machine waiting for a core inflates the first, not the second), ms
+per step, batch size.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def trainer(cfg):
 def main() -> None:
     which, warmup, timed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     exposures = int(sys.argv[4]) if len(sys.argv) > 4 else 60_000
-    torch.set_num_threads(1)  # the daemon's default (trainer.threads): one intra-op thread
+    torch.set_num_threads(int(sys.argv[5]) if len(sys.argv) > 5 else 1)  # the daemon's default (trainer.threads): 1
     torch.use_deterministic_algorithms(True, warn_only=True)  # as the daemon runs it
     cfg = config(which, exposures)
     data = batches(cfg, warmup + timed)
@@ -93,13 +95,14 @@ def main() -> None:
     model = trainer(cfg)
     for batch in data[:warmup]:
         model.step(batch)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for batch in data[warmup:]:
         model.step(batch)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     size = cfg.trainer.batch_size
     print(json.dumps({"config": which, "samples_per_s": size * timed / elapsed, "step_ms": 1000 * elapsed / timed,
-                      "batch_size": size, "steps": timed, "mean_hist_len": float(sum(b["hist_len"].mean() for b in data[warmup:]) / timed)}))
+                      "cpu_samples_per_s": size * timed / cpu,
+                      "batch_size": size, "steps": timed, "threads": torch.get_num_threads(), "mean_hist_len": float(sum(b["hist_len"].mean() for b in data[warmup:]) / timed)}))
 
 
 if __name__ == "__main__":

@@ -87,6 +87,10 @@ class TrainerConfig(Section):
     # pipeline latency (measured p50 0.37 s at 0.05 vs 0.55 s at 0.2 in bench/daemon.py)
     threads: int = Field(1, ge=1)  # torch intra-op threads, fixed so CPU results are bit-reproducible; 1 beats 2 on a
     # 2-core box (measured 3400 vs 730 samples/s: torch threads fight librdkafka's for the cores)
+    compile: Literal["off", "auto", "on"] = "auto"  # torch.compile of the sequence encoder (dynamic shapes); auto:
+    # CUDA only, where it removes per-kernel launch overhead. On CPU a compile costs minutes at start and
+    # per new shape class, and the step's bits would depend on which kernels were compiled when (a
+    # replay starts cold), so CPU runs and the recovery proof stay eager
 
 
 class OverloadConfig(Section):

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from streamtrain.modules.config import HSTUConfig
 from streamtrain.modules.hstu import HSTUEncoder, RelativeAttentionBias, time_gap_buckets
+from streamtrain.modules.meanpool import MeanPoolEncoder
 from streamtrain.ops.hstu_attention import Kernel, hstu_attention, resolve_kernel, softmax_attention
 
 T0 = 1_700_000_000_000
@@ -182,3 +183,34 @@ def test_attention_checks_shapes() -> None:
     q = torch.randn(2, 3, 1, 2)
     with pytest.raises(ValueError, match="bias"):
         hstu_attention(q, q, q, torch.zeros(1, 1, 3, 3), torch.tensor([0, 0]), alpha=1.0, inv_n=math.nan)
+
+
+@pytest.mark.parametrize("groups", [1, 3], ids=["one_crop", "grouped"])
+@pytest.mark.parametrize("cfg", ENCODER_CONFIGS.values(), ids=ENCODER_CONFIGS.keys())
+def test_shared_histories_with_targets_match_full_sequences(cfg: HSTUConfig, groups: int) -> None:
+    """Each history encoded once and read by several targets == the full (history, target)
+    sequence per row, at every history position and at the target; empty histories too."""
+    enc = _encoder(cfg.model_copy(update={"length_groups": groups}))
+    hist, ts, _ = _sequences(4, 7, 8)
+    valid_len = torch.tensor([7, 0, 3, 1])
+    owner = torch.tensor([2, 0, 0, 1, 3, 2, 2])  # history 2 read by three targets
+    target = torch.randn(7, 8, generator=torch.Generator().manual_seed(5))
+    target_ts = ts[owner, -1] + torch.tensor([1, 10**4, 10**6, 5, 10**8, 0, 10**3])
+    history_out, target_out = enc.forward_with_targets(hist, ts, valid_len, owner, target, target_ts)
+
+    full = enc(torch.cat([hist[owner], target[:, None]], 1), torch.cat([ts[owner], target_ts[:, None]], 1),
+               valid_len[owner] + 1)
+    torch.testing.assert_close(target_out, full[:, -1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(history_out[owner], full[:, :-1], atol=1e-5, rtol=1e-5)
+    assert not history_out[1].any()  # the empty history stays zero
+
+
+def test_meanpool_with_targets_matches_full_sequences() -> None:
+    enc = MeanPoolEncoder(8, "layernorm")
+    hist, ts, _ = _sequences(3, 5, 8)
+    valid_len, owner = torch.tensor([5, 0, 2]), torch.tensor([1, 2, 2, 0])
+    target = torch.randn(4, 8)
+    history_out, target_out = enc.forward_with_targets(hist, ts, valid_len, owner, target, ts[owner, -1])
+    full = enc(torch.cat([hist[owner], target[:, None]], 1), torch.cat([ts[owner], ts[owner, -1:]], 1), valid_len[owner] + 1)
+    torch.testing.assert_close(target_out, full[:, -1])
+    torch.testing.assert_close(history_out[owner], full[:, :-1])

@@ -261,3 +261,57 @@ def test_without_rank_package_negatives_the_package_is_ignored_by_every_loss() -
         torch.testing.assert_close(losses[False, False][part], losses[True, True][part])
     assert losses[True, True]["rank"] == 0 < losses[True, False]["rank"]
     assert not torch.equal(losses[True, False]["nce"], losses[False, False]["nce"])
+
+
+def test_distinct_rows_finds_equal_rows_exactly() -> None:
+    from streamtrain.modules.rec_model import distinct_rows
+
+    x = torch.tensor([[3, 1, 0], [1, 3, 0], [3, 1, 0], [0, 0, 0], [1, 3, 0], [3, 1, 0]])
+    first, owner = distinct_rows(x)
+    assert torch.equal(x[first][owner], x)
+    assert sorted(first.tolist()) == [0, 1, 3]  # the lowest row of each value
+    assert torch.equal(owner[[0, 2, 5]], owner[[0, 0, 0]]) and owner.unique().numel() == 3
+
+
+def test_rows_sharing_a_history_score_as_if_alone() -> None:
+    """Rows of one request share their history, which the model encodes once: each row
+    scores as it does in a batch of its own."""
+    model = _model().eval()
+    batch = _batch(size=8)
+    for key in ("user", "ts", "hist_len", "hist_items", "hist_actions", "hist_ts", "hist_gap_buckets"):
+        batch[key][4:] = batch[key][3]  # rows 3..7: one request, five exposures
+    together = model(to_tensors(batch))
+    for row in (0, 3, 6):
+        alone = model(to_tensors({k: v[row : row + 1] for k, v in batch.items()}))
+        for key in ("p_ctr", "p_ctcvr", "user_vec"):
+            torch.testing.assert_close(together[key][row : row + 1], alone[key], atol=1e-6, rtol=1e-5)
+
+
+def test_compile_is_on_for_cuda_only_unless_asked() -> None:
+    from streamtrain.trainer import compile_enabled
+
+    assert not compile_enabled("auto", torch.device("cpu")) and compile_enabled("auto", torch.device("cuda"))
+    assert compile_enabled("on", torch.device("cpu")) and not compile_enabled("off", torch.device("cuda"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled training is the CUDA path (trainer.compile=auto)")
+def test_compiled_encoder_trains_like_the_eager_one_on_cuda() -> None:
+    """On CUDA (bf16 autocast) the compiled step matches the eager one to rounding, across
+    batches of different history shapes without a recompile per batch."""
+    device = torch.device("cuda")
+    tables = {name: EmbeddingTableConfig(name=name, dim=DIM, initial_rows=512) for name in EMBEDDING_KEYS}
+    eager, compiled = (Trainer(SMALL, tables, learning_rate=1e-3, seed=0, device=device, compile=c) for c in (False, True))
+    for seed in range(4):
+        batch = _batch(size=32, seed=seed)
+        a, b = eager.step(batch), compiled.step(batch)
+        np.testing.assert_allclose(a.predictions.p_ctr, b.predictions.p_ctr, atol=2e-2)
+        assert abs(a.losses["total"] - b.losses["total"]) < 5e-2
+
+
+def test_distinct_rows_survives_hash_collisions(monkeypatch: pytest.MonkeyPatch) -> None:
+    import streamtrain.modules.rec_model as rec_model
+
+    monkeypatch.setattr(rec_model, "mix64", lambda t: t * 0)  # every row hashes alike
+    x = torch.tensor([[3, 1], [1, 3], [3, 1], [2, 2]])
+    first, owner = rec_model.distinct_rows(x)
+    assert torch.equal(x[first][owner], x) and first.numel() == 3

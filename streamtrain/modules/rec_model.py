@@ -21,15 +21,16 @@ int64 ids ``(...)`` to ``(..., embedding_dim)`` with zeros for id 0. Everything 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from consumers.schema import RANK_PACKAGE_SLOTS, Action
+from streamtrain.embedding.hashing import mix64
 from streamtrain.modules.config import ModelConfig
 from streamtrain.modules.esmm import ContextFeatures, ESMMHeads, ctcvr_log_probs, dot_interactions, esmm_loss
-from streamtrain.modules.hstu import HSTUEncoder
+from streamtrain.modules.hstu import HSTUEncoder, gather
 from streamtrain.modules.meanpool import MeanPoolEncoder
 from streamtrain.modules.retrieval import RetrievalHead, info_nce_loss, rank_package_loss
 
@@ -40,6 +41,29 @@ _NOW_GAP_BUCKET = 0  # the target is 0 ms old; row 0 is shared with padding, whi
 TIME_INPUTS = ("hour", "weekday", "gap_bucket", "hist_gap_buckets", "hist_ts", "ts")
 PRIOR_INPUTS = ("user_ctr_prior", "item_ctr_prior")
 _NEUTRAL_PRIOR = 0.5  # logit 0: the prior adds nothing to the ESMM input
+
+
+def distinct_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Equal rows of an int64 matrix (B, W): ``(first, owner)`` with ``first`` (U,) the lowest
+    row of each distinct value, in the order of the rows' hashes, and ``owner`` (B,) the index
+    into ``first`` of each row, so ``x[first][owner] == x``.
+
+    A 1-D unique of a row hash, verified: ``torch.unique(dim=0)`` costs a few ops per row on
+    CPU. A hash collision (never seen) falls back to it, so the result is always exact. The
+    verification is a host sync on CUDA (as is any unique: its size is data)."""
+    salts = mix64(torch.arange(x.shape[1], device=x.device, dtype=torch.int64))  # (W,) one per column
+    hashes, owner = torch.unique(mix64(mix64(x + salts).sum(1)), return_inverse=True)  # (U,), (B,); the sum wraps
+    first = _first(owner, hashes.shape[0])
+    if not torch.equal(x.index_select(0, first).index_select(0, owner), x):
+        distinct, owner = torch.unique(x, dim=0, return_inverse=True)
+        first = _first(owner, distinct.shape[0])
+    return first, owner
+
+
+def _first(owner: torch.Tensor, distinct: int) -> torch.Tensor:
+    """owner (B,) in 0..distinct-1, every value present → the lowest row of each, (distinct,)."""
+    rows = torch.arange(owner.shape[0], device=owner.device)
+    return owner.new_full((distinct,), owner.shape[0]).scatter_reduce_(0, owner, rows, reduce="amin")
 
 
 class RecModel(nn.Module):
@@ -62,6 +86,7 @@ class RecModel(nn.Module):
         dot_weights = self._dot_weights(n_fields) if config.esmm.ctr_dot_logit else None
         self.esmm = ESMMHeads(config.esmm, shared_dim, dot_weights)
         self.retrieval = RetrievalHead(config.retrieval, user_in=2 * d, item_in=d)
+        self._compiled_encoder: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None  # compile_encoder()
         grades = config.retrieval.rank_grades
         self.register_buffer(  # positive first, graded above every rank-package slot
             "rank_grades", torch.tensor([max(grades) + 1, *grades]), persistent=False
@@ -73,6 +98,13 @@ class RecModel(nn.Module):
         of ``dot_interactions`` (the upper triangle, row-major). (F(F-1)/2,)"""
         rows, cols = torch.triu_indices(n_fields, n_fields, offset=1)
         return ((rows == _ITEM_FIELD) & (cols == _USER_FIELD)).float()
+
+    def compile_encoder(self) -> None:
+        """``torch.compile`` the sequence encoder with its target queries: the step's longest
+        run of small dense ops (the embedding lookups around it are data-dependent hash-map
+        work that would only break the graph). Dynamic shapes from the first call, so batches
+        of another history count or crop reuse the graph instead of recompiling."""
+        self._compiled_encoder = torch.compile(self.hstu.forward_with_targets, dynamic=True)
 
     def dense_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of the model itself, without the injected embedding tables."""
@@ -95,19 +127,29 @@ class RecModel(nn.Module):
 
     def _sequence(
         self, batch: Mapping[str, torch.Tensor], history_emb: torch.Tensor, target_emb: torch.Tensor
-    ) -> torch.Tensor:
-        """Encode the kept history (B, L', D) followed by the target (B, D): returns the HSTU
-        outputs (B, L' + 1, D). ``L'`` columns are the most recent ones of each history field."""
-        hist_len = batch["hist_len"]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode each row's kept history (B, L', D) followed by its target (B, D); returns the
+        encoder's outputs at the last history event and at the target, (B, D) each. ``L'``
+        columns are the most recent ones of each history field.
+
+        The exposures of one request share their history (the same events, the same ages):
+        each distinct history is encoded once and its rows only add their target's query
+        (``forward_with_targets``), which causal attention makes exact."""
         keep = history_emb.shape[1]
-        b = hist_len.shape[0]
+        hist_len = batch["hist_len"].clamp(max=keep)
         actions = batch["hist_actions"][:, -keep:]
         ages = batch["hist_gap_buckets"][:, -keep:].clamp(max=self.config.num_gap_buckets - 1)
-        x = torch.cat([history_emb, target_emb[:, None]], dim=1)  # (B, N, D)
-        x = x + self.action(torch.cat([actions, actions.new_full((b, 1), TARGET_ACTION)], dim=1))
-        x = x + self.age(torch.cat([ages, ages.new_full((b, 1), _NOW_GAP_BUCKET)], dim=1))
-        ts = torch.cat([batch["hist_ts"][:, -keep:], batch["ts"][:, None]], dim=1)  # (B, N)
-        return self.hstu(x, ts, hist_len.clamp(max=keep) + 1)
+        ts = batch["hist_ts"][:, -keep:]
+        # Everything the encoder reads of a history; equal signatures give equal outputs.
+        signature = torch.cat([batch["hist_items"][:, -keep:], actions, ages, ts, hist_len[:, None]], dim=1)
+        first, owner = distinct_rows(signature)  # (U,) a row holding each history, (B,) each row's history
+        x = gather(history_emb, first) + self.action(actions.index_select(0, first))
+        x = x + self.age(ages.index_select(0, first))  # (U, L', D)
+        target = target_emb + self.action.weight[TARGET_ACTION] + self.age.weight[_NOW_GAP_BUCKET]  # (B, D)
+        encode = self._compiled_encoder or self.hstu.forward_with_targets
+        history, target_state = encode(
+            x, ts.index_select(0, first), hist_len.index_select(0, first), owner, target, batch["ts"])
+        return gather(history[:, -1], owner), target_state
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Score a sample batch (schema.py field names, tensors on this module's device).
@@ -128,10 +170,10 @@ class RecModel(nn.Module):
         emb = self.embeddings["item"](ids)  # (B, keep + 1 + P + K, D): one lookup for all item ids
         history_emb, target_emb, neg_emb = emb[:, :keep], emb[:, keep], emb[:, keep + 1 :]
         user_emb = self.embeddings["user"](batch["user"])  # (B, D)
-        h = self._sequence(batch, history_emb, target_emb)  # (B, N, D)
+        state, target_state = self._sequence(batch, history_emb, target_emb)  # (B, D) each
 
         fields = torch.cat(
-            [h[:, -1:], target_emb[:, None], user_emb[:, None], self.embeddings["sparse"](batch["sparse"])], dim=1
+            [target_state[:, None], target_emb[:, None], user_emb[:, None], self.embeddings["sparse"](batch["sparse"])], dim=1
         )  # (B, F, D): target-aware user state, target item, user, sparse features
         context = self.context(
             batch["hour"], batch["weekday"], batch["gap_bucket"], batch["dense"],
@@ -141,7 +183,7 @@ class RecModel(nn.Module):
         ctr_logit, cvr_logit = self.esmm(torch.cat([fields.reshape(b, -1), dots, context], dim=-1), dots)
         log_p_ctcvr, _ = ctcvr_log_probs(ctr_logit, cvr_logit, self.config.esmm.prob_eps)
         # Retrieval reads the state at the last history event (it must not see the target).
-        retrieval_in = (h[:, -2], user_emb, target_emb, neg_emb)
+        retrieval_in = (state, user_emb, target_emb, neg_emb)
         if not self.config.retrieval.train_shared:  # then its losses train only the retrieval towers
             retrieval_in = tuple(t.detach() for t in retrieval_in)
         state, user, item, negatives = retrieval_in
