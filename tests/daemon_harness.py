@@ -6,10 +6,13 @@ import atexit
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import yaml
 
@@ -103,6 +106,29 @@ def no_daemon_outlives_its_test() -> Iterator[None]:
     """Autouse in every module that imports it: a failed test leaves no daemon behind."""
     yield
     kill_leftover_daemons()
+
+
+def metric_value(exposition: bytes, name: bytes) -> float:
+    """An unlabelled sample's value in a Prometheus text exposition (NaN if absent, so that
+    every comparison with it is false until the daemon exports it)."""
+    for line in exposition.splitlines():
+        if line.startswith(name + b" "):
+            return float(line.split()[1])
+    return float("nan")
+
+
+def scrape_metrics_until(run_dir: Path, done: Callable[[bytes], bool], timeout_s: float) -> bytes:
+    """Scrape a running daemon's live metrics endpoint, found as an operator finds it (the
+    run directory's ``endpoints.json``), until ``done(exposition)``; returns that exposition."""
+    body = b""
+    deadline = time.monotonic() + timeout_s
+    while not done(body):
+        assert time.monotonic() < deadline, body.decode()[-3000:]
+        time.sleep(0.2)
+        endpoints = run_dir / "endpoints.json"
+        if endpoints.exists():
+            body = urllib.request.urlopen(orjson.loads(endpoints.read_bytes())["metrics"], timeout=5).read()
+    return body
 
 
 def final_state(run_dir: Path) -> Any:

@@ -52,6 +52,14 @@ def produce(bootstrap: str, topic: str, messages: Iterable[tuple[bytes | None, b
     return n
 
 
+def produce_to_partitions(producer: Producer, topic: str, values: dict[int, list[bytes | None]]) -> None:
+    """Produce each partition's values into that partition, explicitly (key ``b"k"``, which
+    names no partition), in order; the caller flushes."""
+    for partition, partition_values in values.items():
+        for value in partition_values:
+            producer.produce(topic, value=value, key=b"k", partition=partition)
+
+
 def keyed(events: Iterable[dict[str, Any]]) -> list[tuple[bytes, bytes]]:
     return [(str(e["user_id"]).encode(), orjson.dumps(e)) for e in events]
 

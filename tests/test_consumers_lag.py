@@ -17,6 +17,7 @@ from confluent_kafka import Producer
 
 from consumers.config import KafkaSourceConfig
 from consumers.source import KafkaSource
+from test_consumers_kafka import produce_to_partitions
 
 pytestmark = pytest.mark.integration
 
@@ -25,9 +26,7 @@ def test_lag_counts_what_is_left_in_each_partition(broker: Any, unique_name: str
     broker.create_topics([unique_name], partitions=2)
     producer = Producer({"bootstrap.servers": broker.bootstrap_servers})
     sizes = {0: 700, 1: 300}
-    for partition, n in sizes.items():
-        for i in range(n):
-            producer.produce(unique_name, value=b"m%d" % i, key=b"k", partition=partition)  # explicit partitions
+    produce_to_partitions(producer, unique_name, {p: [b"m%d" % i for i in range(n)] for p, n in sizes.items()})
     assert producer.flush(30) == 0
     source = KafkaSource(KafkaSourceConfig(bootstrap_servers=broker.bootstrap_servers, topic=unique_name,
                                            group_id=unique_name, mode="assign"))

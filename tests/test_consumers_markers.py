@@ -11,6 +11,7 @@ from confluent_kafka import Producer
 from consumers.config import KafkaSourceConfig
 from consumers.markers import produce_end_of_input
 from consumers.source import KafkaSource
+from test_consumers_kafka import produce_to_partitions
 
 pytestmark = pytest.mark.integration
 
@@ -19,10 +20,9 @@ def test_the_source_reports_each_partitions_marker_and_skips_it(broker: Any, uni
     broker.create_topics([unique_name], partitions=2)
     producer = Producer({"bootstrap.servers": broker.bootstrap_servers})
     sizes = {0: 5, 1: 3}
-    for partition, n in sizes.items():
-        for i in range(n):
-            producer.produce(unique_name, value=b'{"n": %d}' % i, key=b"k", partition=partition)
-    producer.produce(unique_name, value=None, key=b"k", partition=0)  # a tombstone is not a marker
+    values: dict[int, list[bytes | None]] = {p: [b'{"n": %d}' % i for i in range(n)] for p, n in sizes.items()}
+    values[0].append(None)  # a tombstone is not a marker
+    produce_to_partitions(producer, unique_name, values)
     produce_end_of_input(producer, unique_name, sorted(sizes))
     assert producer.flush(30) == 0
     source = KafkaSource(KafkaSourceConfig(bootstrap_servers=broker.bootstrap_servers, topic=unique_name,

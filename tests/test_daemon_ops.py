@@ -17,7 +17,7 @@ import orjson
 import pytest
 import torch
 
-from daemon_harness import final_state, produce_log, write_config
+from daemon_harness import final_state, metric_value, produce_log, scrape_metrics_until, write_config
 from streamtrain.config import load_config
 from streamtrain.runtime import Daemon, DaemonHooks
 
@@ -111,15 +111,8 @@ def test_metrics_endpoint_passes_promtool(kafka_bootstrap: str, topic: str, tmp_
     runner = threading.Thread(target=daemon.run, name="daemon")
     runner.start()
     try:
-        # The live endpoint, found as an operator finds it, scraped until it shows training.
-        body = b""
-        deadline = time.monotonic() + 120
-        while _sample_value(body, b"streamtrain_train_samples_total") <= 0:
-            assert time.monotonic() < deadline, body.decode()[-2000:]
-            time.sleep(0.2)
-            endpoints = tmp_path / "m" / "endpoints.json"
-            if endpoints.exists():
-                body = urllib.request.urlopen(orjson.loads(endpoints.read_bytes())["metrics"], timeout=5).read()
+        body = scrape_metrics_until(
+            tmp_path / "m", lambda body: metric_value(body, b"streamtrain_train_samples_total") > 0, timeout_s=120)
     finally:
         daemon.stop.set()
         runner.join(timeout=120)
@@ -128,14 +121,6 @@ def test_metrics_endpoint_passes_promtool(kafka_bootstrap: str, topic: str, tmp_
         assert name in body, name
     lint = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True)
     assert lint.returncode == 0, lint.stdout.decode() + lint.stderr.decode()
-
-
-def _sample_value(exposition: bytes, name: bytes) -> float:
-    """The value of an unlabelled sample in a Prometheus text exposition (-1 if absent)."""
-    for line in exposition.splitlines():
-        if line.startswith(name + b" "):
-            return float(line.split()[1])
-    return -1.0
 
 
 def test_control_endpoint_freezes_a_running_daemon(kafka_bootstrap: str, topic: str, tmp_path: Path) -> None:

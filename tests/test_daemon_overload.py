@@ -18,16 +18,14 @@ import shutil
 import subprocess
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
-import orjson
 import pytest
 
 from checkpoints import CheckpointStore, ledger_chain, ledger_ids
 from daemon_harness import no_daemon_outlives_its_test  # noqa: F401 (autouse: no daemon outlives its test)
-from daemon_harness import final_state, produce_log, start_daemon, write_config
+from daemon_harness import final_state, metric_value, produce_log, scrape_metrics_until, start_daemon, write_config
 from streamtrain.config import load_config
 from streamtrain.runtime import Daemon
 from streamtrain.runtime.overload import keep_fraction
@@ -145,23 +143,17 @@ def test_auto_mode_down_samples_a_growing_backlog_with_alarm_and_metrics(
     caplog.set_level(logging.WARNING, logger="streamtrain.daemon")
     producer.start()
     runner.start()
-    body = b""
     try:
-        deadline = time.monotonic() + 180
-        while not (_value(body, b"streamtrain_overload_keep_rate") < 1.0
-                   and _value(body, b"streamtrain_overload_rows_dropped_total") > 0
-                   and _value(body, b"streamtrain_overload_lag_alarm") == 1.0):
-            assert time.monotonic() < deadline, body.decode()[-3000:]
-            time.sleep(0.2)
-            endpoints = tmp_path / "run" / "endpoints.json"
-            if endpoints.exists():
-                body = urllib.request.urlopen(orjson.loads(endpoints.read_bytes())["metrics"], timeout=5).read()
+        body = scrape_metrics_until(tmp_path / "run", lambda body: (
+            metric_value(body, b"streamtrain_overload_keep_rate") < 1.0
+            and metric_value(body, b"streamtrain_overload_rows_dropped_total") > 0
+            and metric_value(body, b"streamtrain_overload_lag_alarm") == 1.0), timeout_s=180)
     finally:
         produced.set()
         producer.join(timeout=60)
         daemon.stop.set()
         runner.join(timeout=120)
-    assert _value(body, b"streamtrain_overload_backlog_seconds") > 0.5
+    assert metric_value(body, b"streamtrain_overload_backlog_seconds") > 0.5
     alerts = [r for r in caplog.records if getattr(r, "alert", None) == "consumer_lag"]
     assert alerts and alerts[0].levelno == logging.ERROR
     assert any("keep rate of unclicked exposures 1 -> 0.5" in r.getMessage() for r in caplog.records)
@@ -171,14 +163,6 @@ def test_auto_mode_down_samples_a_growing_backlog_with_alarm_and_metrics(
     if shutil.which("promtool") is not None:
         lint = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True)
         assert lint.returncode == 0, lint.stdout.decode() + lint.stderr.decode()
-
-
-def _value(exposition: bytes, name: bytes) -> float:
-    """An unlabelled sample's value in a Prometheus exposition (NaN if absent)."""
-    for line in exposition.splitlines():
-        if line.startswith(name + b" "):
-            return float(line.split()[1])
-    return float("nan")
 
 
 def test_a_restart_with_another_mode_keeps_the_saved_rate_and_rows(
