@@ -15,7 +15,10 @@ service_pids() {
   done
 }
 status=0
-.venv/bin/python -m pytest "$@" || status=$?
+# Two workers by default, a test file per worker at a time (module fixtures stay shared): most
+# tests wait on a daemon, a broker or Redis rather than compute, so two run in about the time
+# of one. ST_TEST_WORKERS=0 runs in one process (what `pytest -n 0` means).
+.venv/bin/python -m pytest -n "${ST_TEST_WORKERS:-2}" --dist loadfile "$@" || status=$?
 sleep 1
 leftover="$(service_pids)"
 if [ -n "$leftover" ]; then
