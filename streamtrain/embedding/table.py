@@ -269,7 +269,7 @@ class EmbeddingTable:
         self.optimizer.reset_rows(self.slots, rows)
         self.freq.index_fill_(0, rows, 0)
         self.touched.index_fill_(0, rows, True)
-        fresh = torch.ones_like(keys, dtype=torch.bool)
+        fresh_rows, fresh_keys = rows, keys  # those not restored from the cold tier
         if self.cold_tier is not None:
             # Read at this step: the newest record <= step is the key's latest spill before
             # now. Spills happen at the step they run in (room eviction, before any read of
@@ -285,10 +285,10 @@ class EmbeddingTable:
             hits = back.numel()
             self.counters.cold_hits += hits
             self.counters.cold_misses += keys.numel() - hits
-            fresh = ~found
-        new = fresh.nonzero().squeeze(1)
+            fresh = (~found).nonzero().squeeze(1)
+            fresh_rows, fresh_keys = rows.index_select(0, fresh), keys.index_select(0, fresh)
         cfg = self.config
-        self.weight.index_copy_(0, rows[new], uniform_rows(keys[new], cfg.dim, cfg.init_bound, cfg.seed))
+        self.weight.index_copy_(0, fresh_rows, uniform_rows(fresh_keys, cfg.dim, cfg.init_bound, cfg.seed))
         self.counters.admissions += keys.numel()
 
     # ------------------------------------------------------------------ eviction
