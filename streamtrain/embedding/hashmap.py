@@ -141,24 +141,32 @@ class TensorHashMap:
 
         Windows grow 4x per round (4, 16, 64, ... slots): nearly every key resolves in
         the first, and the rare long chain costs one or two more rounds, not one per window.
+        The first round runs over all keys without bookkeeping, and when no key was ever
+        placed past it (the usual case at the default load) it is the only one.
         """
-        result = torch.full_like(keys, -1)
-        pending = torch.arange(keys.numel(), device=self.device)  # (P,) positions in keys
-        want, home = keys, self._home(keys)  # (P,)
-        start, width = 0, PROBE_WINDOW
+        home = self._home(keys)  # (N,)
+        result, unresolved = self._probe(keys, home, self._window)
+        start, width = PROBE_WINDOW, PROBE_WINDOW * 4
+        if start > self._max_probe:
+            return result
+        pending = unresolved.nonzero().squeeze(1)  # (P,) positions in keys
         while start <= self._max_probe and pending.numel():
             window = torch.arange(start, start + width, device=self.device)  # (W,)
-            slots = (home[:, None] + window) & self._mask  # (P, W)
-            seen = _gather(self._keys, slots)  # (P, W)
-            hit = seen == want[:, None]  # (P, W), one True per row at most (or repeats of one slot)
-            at = slots.gather(1, hit.byte().argmax(1, keepdim=True)).squeeze(1)  # (P,)
-            found = hit.any(1).nonzero().squeeze(1)
-            result.index_copy_(0, pending.index_select(0, found), at.index_select(0, found))
-            # An EMPTY slot ends the probe sequence: the key is absent.
-            going = (~(hit | (seen == EMPTY)).any(1)).nonzero().squeeze(1)
-            pending, want, home = (t.index_select(0, going) for t in (pending, want, home))
+            at, unresolved = self._probe(keys.index_select(0, pending), home.index_select(0, pending), window)
+            result.index_copy_(0, pending, at)
+            pending = pending.index_select(0, unresolved.nonzero().squeeze(1))
             start, width = start + width, width * 4
         return result
+
+    def _probe(self, want: torch.Tensor, home: torch.Tensor, window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One probe window (W,) of offsets from each key's home slot: ``(slot (P,), -1 where
+        not in this window; unresolved (P,) bool, the keys whose sequence goes on past it)``."""
+        slots = (home[:, None] + window) & self._mask  # (P, W)
+        seen = _gather(self._keys, slots)  # (P, W)
+        hit = seen == want[:, None]  # (P, W), one True per row at most (or repeats of one slot)
+        at = torch.where(hit.any(1), slots.gather(1, hit.byte().argmax(1, keepdim=True)).squeeze(1), -1)  # (P,)
+        # An EMPTY slot ends the probe sequence: the key is absent.
+        return at, ~(hit | (seen == EMPTY)).any(1)
 
     def _place(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Probe-insert in chunks; returns positions (into keys) that passed MAX_PROBE_DISTANCE."""

@@ -42,6 +42,7 @@ from streamtrain.embedding.eviction import periodic_victims, room_victims
 from streamtrain.embedding.hashing import uniform_rows
 from streamtrain.embedding.hashmap import TOMBSTONE, TensorHashMap
 from streamtrain.embedding.optim import gather_rows, make_row_optimizer
+from streamtrain.embedding.unique import unique_inverse_counts
 
 PAD_ROW: Final = 0
 DEFAULT_ROW: Final = 1
@@ -146,24 +147,28 @@ class EmbeddingTable:
         """
         if ids.dtype != torch.int64:
             raise TypeError(f"ids must be int64, got {ids.dtype}")
-        keys, inverse, counts = torch.unique(ids.reshape(-1).to(self.device), return_inverse=True, return_counts=True)  # (U,)
+        keys, inverse, counts = unique_inverse_counts(ids.reshape(-1).to(self.device))  # (U,)
         if keys.numel() and int(keys[0]) == TOMBSTONE:
             raise ValueError(f"id {TOMBSTONE} (int64 min) is reserved")
         rows = self._map.lookup(keys)  # (U,) -1 where absent
+        admitted = rows >= 0  # (U,)
+        present = admitted.nonzero().squeeze(1)  # (A,) positions in keys of the keys with a row
+        present_rows = rows.index_select(0, present)  # (A,)
         if train:
             if now_ms is not None:
                 self.clock_ms = max(self.clock_ms, int(now_ms))  # late events must not move recency back
-            self._pinned.append(rows[rows >= 0])
-            rows = self._admit(keys, counts, rows)
-            seen = (rows >= 0).nonzero().squeeze(1)
-            seen_rows = rows.index_select(0, seen)
-            self.freq.index_add_(0, seen_rows, counts.index_select(0, seen))
-            self.last_seen_ms.index_fill_(0, seen_rows, self.clock_ms)
+            self._pinned.append(present_rows)
+            with_new = self._admit(keys, counts, rows)
+            if with_new is not rows:  # some keys got rows: recompute what depends on which did
+                rows, admitted = with_new, with_new >= 0
+                present = admitted.nonzero().squeeze(1)
+                present_rows = rows.index_select(0, present)
+            self.freq.index_add_(0, present_rows, counts.index_select(0, present))
+            self.last_seen_ms.index_fill_(0, present_rows, self.clock_ms)
             self.counters.lookups += ids.numel()
         # Unique rows: pad and default first, then the admitted rows in key order.
-        admitted = rows >= 0  # (U,)
         position = torch.where(admitted, admitted.cumsum(0) + (RESERVED_ROWS - 1), (keys != 0).long())
-        unique_rows = torch.cat([self._reserved, rows.index_select(0, admitted.nonzero().squeeze(1))])
+        unique_rows = torch.cat([self._reserved, present_rows])
         return Lookup(unique_rows, position.index_select(0, inverse).view(ids.shape))
 
     def embeddings(self, rows: torch.Tensor) -> torch.Tensor:
@@ -208,7 +213,8 @@ class EmbeddingTable:
 
     # ------------------------------------------------------------------ admission
     def _admit(self, keys: torch.Tensor, counts: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Give rows to absent keys that pass admission; returns the updated rows (U,)."""
+        """Give rows to absent keys that pass admission; returns the updated rows (U,)
+        (``rows`` itself when no key is absent: the caller reuses what it derived from them)."""
         missing = ((rows < 0) & (keys != 0)).nonzero().squeeze(1)  # (M,) positions in keys
         if missing.numel() == 0:
             return rows
@@ -263,7 +269,7 @@ class EmbeddingTable:
         self.optimizer.reset_rows(self.slots, rows)
         self.freq.index_fill_(0, rows, 0)
         self.touched.index_fill_(0, rows, True)
-        fresh = torch.ones_like(keys, dtype=torch.bool)
+        fresh_rows, fresh_keys = rows, keys  # those not restored from the cold tier
         if self.cold_tier is not None:
             # Read at this step: the newest record <= step is the key's latest spill before
             # now. Spills happen at the step they run in (room eviction, before any read of
@@ -279,10 +285,10 @@ class EmbeddingTable:
             hits = back.numel()
             self.counters.cold_hits += hits
             self.counters.cold_misses += keys.numel() - hits
-            fresh = ~found
-        new = fresh.nonzero().squeeze(1)
+            fresh = (~found).nonzero().squeeze(1)
+            fresh_rows, fresh_keys = rows.index_select(0, fresh), keys.index_select(0, fresh)
         cfg = self.config
-        self.weight.index_copy_(0, rows[new], uniform_rows(keys[new], cfg.dim, cfg.init_bound, cfg.seed))
+        self.weight.index_copy_(0, fresh_rows, uniform_rows(fresh_keys, cfg.dim, cfg.init_bound, cfg.seed))
         self.counters.admissions += keys.numel()
 
     # ------------------------------------------------------------------ eviction

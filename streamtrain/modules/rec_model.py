@@ -168,7 +168,10 @@ class RecModel(nn.Module):
         b = hist_items.shape[0]
         ids = torch.cat([hist_items[:, -keep:], batch["item"][:, None], batch["rank_package"], batch["neg_items"]], 1)
         emb = self.embeddings["item"](ids)  # (B, keep + 1 + P + K, D): one lookup for all item ids
-        history_emb, target_emb, neg_emb = emb[:, :keep], emb[:, keep], emb[:, keep + 1 :]
+        # split, not three slices: its backward is one cat, where each slice's would zero-fill
+        # a whole (B, keep + 1 + P + K, D) gradient and autograd would add the three up.
+        history_emb, target_emb, neg_emb = emb.split([keep, 1, emb.shape[1] - keep - 1], dim=1)
+        target_emb = target_emb.squeeze(1)  # (B, D)
         user_emb = self.embeddings["user"](batch["user"])  # (B, D)
         state, target_state = self._sequence(batch, history_emb, target_emb)  # (B, D) each
 
