@@ -1,4 +1,5 @@
-"""Suite-wide fixtures: one embedded broker and one Redis server for the whole session.
+"""Suite-wide fixtures: one embedded broker and one Redis server per session (per xdist
+worker when ``scripts/test.sh`` runs the files on several), and the order of the files.
 
 Tests get isolation through unique topic / group names (``unique_name``) and Redis key
 prefixes, not through separate servers.
@@ -25,6 +26,18 @@ settings.register_profile("streamtrain", deadline=None)
 settings.load_profile("streamtrain")
 
 _counter = itertools.count()
+
+# The slowest files (60-270 s each on a loaded 2-core box, `--durations`), run first:
+# scripts/test.sh hands whole files to its workers in collection order, and a long file
+# left to the end would run alone while the other worker has nothing to do.
+RUN_FIRST = ("test_drift_scenarios.py", "test_scaleout.py", "test_daemon_recovery.py", "test_daemon_redis.py",
+             "test_daemon_overload.py", "test_stats_worker.py", "test_checkpoints_faults.py", "test_chaos.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slowest files first, in RUN_FIRST's order; the rest keep theirs (the sort is stable)."""
+    rank = {name: i for i, name in enumerate(RUN_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(RUN_FIRST)))
 
 
 @pytest.fixture(scope="session")
