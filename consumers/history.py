@@ -65,7 +65,11 @@ class UserHistory:
     def query_then_append(self, users: np.ndarray, ts: np.ndarray, items: np.ndarray, actions: np.ndarray,
                           hot: np.ndarray, query: np.ndarray, push: np.ndarray) -> HistoryView:
         """One segment, rows in canonical order (ts ascending). Returns the prefix of each
-        ``query`` row (in row order), then appends the ``push`` rows to the rings."""
+        ``query`` row (in row order), then appends the ``push`` rows to the rings. Every
+        ``query`` row must be a ``push`` row too (an exposure enters its user's history), so
+        each queried user has a block in ``X`` and every prefix is one gather from it."""
+        if (query & ~push).any():
+            raise ValueError("every query row must also be pushed")
         L = self.L
         n = len(users)
         rows = np.flatnonzero(query | push)
@@ -125,40 +129,18 @@ class UserHistory:
         is_push = np.concatenate([np.ones(len(p_slot), np.int8), np.zeros(q, np.int8)])
         order = np.lexsort((is_push, all_ts, all_slot))
         pushes_before = np.cumsum(is_push[order]) - is_push[order]  # pushes strictly before, all users
-        g = np.searchsorted(group_slots, all_slot[order])
-        g_clipped = np.minimum(g, max(len(group_slots) - 1, 0))
-        in_group = (g < len(group_slots)) & (len(group_slots) > 0) & (group_slots[g_clipped] == all_slot[order])
-        group_start_pushes = np.zeros(len(order), np.int64)
-        if len(group_slots):
-            first_push_of_group = np.searchsorted(p_slot, group_slots)  # p_slot is sorted
-            group_start_pushes[in_group] = first_push_of_group[g_clipped[in_group]]
-        k_sorted = np.where(in_group, pushes_before - group_start_pushes, 0)
+        g = np.searchsorted(group_slots, all_slot[order])  # exact: every queried user pushes, so has a group
+        k_sorted = pushes_before - np.searchsorted(p_slot, group_slots)[g]  # p_slot is sorted
         is_query_sorted = is_push[order] == 0
         k = np.empty(q, np.int64)
         k[order[is_query_sorted] - len(p_slot)] = k_sorted[is_query_sorted]
-        q_group = np.where(in_group, g_clipped, -1)[is_query_sorted]
         q_group_by_row = np.empty(q, np.int64)
-        q_group_by_row[order[is_query_sorted] - len(p_slot)] = q_group
+        q_group_by_row[order[is_query_sorted] - len(p_slot)] = g[is_query_sorted]
 
         ring_len = self.length[q_slot]  # before this segment's appends
         length = np.minimum(L, ring_len + k)
-        has_block = q_group_by_row >= 0
-        out_items = np.zeros((q, L), np.int64)
-        out_actions = np.zeros((q, L), np.int64)
-        out_ts = np.zeros((q, L), np.int64)
-        out_hot = np.zeros((q, L), np.bool_)
-        if has_block.any():
-            end = block_start[q_group_by_row[has_block]] + L + k[has_block]
-            window = end[:, None] - L + np.arange(L)
-            out_items[has_block] = x_items[window]
-            out_actions[has_block] = x_actions[window]
-            out_ts[has_block] = x_ts[window]
-            out_hot[has_block] = x_hot[window]
-        no_block = ~has_block  # the user pushes nothing in this segment: the ring is the prefix
-        out_items[no_block] = self.items[q_slot[no_block]]
-        out_actions[no_block] = self.actions[q_slot[no_block]]
-        out_ts[no_block] = self.ts[q_slot[no_block]]
-        out_hot[no_block] = self.hot[q_slot[no_block]]
+        window = (block_start[q_group_by_row] + k)[:, None] + np.arange(L)  # X[end - L : end], end = start + L + k
+        out_items, out_actions, out_ts, out_hot = x_items[window], x_actions[window].astype(np.int64), x_ts[window], x_hot[window]
         prev_ts = np.where(length > 0, out_ts[:, -1], 0)
         return HistoryView(out_items, out_actions, out_ts, out_hot, length, prev_ts)
 
