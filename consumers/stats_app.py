@@ -8,6 +8,8 @@ One step (``StatsWorker._count``, up to ``take_max`` messages)::
              -> changelog: the changed rows, then the partition's progress, per table
     every snapshot_every_s: merge the partials -> records -> Redis (consumers/stats_store.py),
                             written from a thread so the broker heartbeats go on
+    on a graceful stop:     one more snapshot, after the last step (nothing counted is lost
+                            to Redis by a deploy or a stop before the first tick)
 
 Bad input is counted here (``skipped``, by reason, in each snapshot's meta: counters of
 this process, like every Prometheus counter) and nowhere else: the daemon's DLQ stays the
@@ -157,6 +159,7 @@ class StatsWorker:
         app.agent(self.source, name=f"{cfg.app_id}.count")(self._count)
         app.timer(cfg.snapshot_every_s)(self._snapshot)
         app.on_partitions_revoked.connect(self._on_revoked, weak=False)
+        app.on_before_shutdown.connect(self._final_snapshot, weak=False)
         return app
 
     def run(self) -> int:
@@ -298,6 +301,15 @@ class StatsWorker:
                 await self._send_rows(kind, p, gone[gone["partition"] == p], None)
 
     # ------------------------------------------------------------------ snapshots
+    async def _final_snapshot(self, app: faust.App, **_: Any) -> None:
+        """On a graceful stop (SIGTERM: a deploy, the demo's end), once the consumer has
+        stopped and the agent has applied what it was given: what was counted since the last
+        timer tick goes to Redis too, so a stop loses no counts there and a worker stopped
+        before its first tick still leaves a snapshot."""
+        if self._writing is not None:
+            await asyncio.wait([self._writing])  # the tick's write first: one writer at a time
+        await self._snapshot()
+
     async def _snapshot(self) -> None:
         """Merge, then write from a thread (the event loop keeps heartbeating); one at a time.
         Skipped until both tables are recovered (an empty early snapshot would replace the

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import redis
 import yaml
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from consumers.config import DecoderConfig
 from consumers.decode import EventDecoder
@@ -121,11 +121,12 @@ def assert_matches(snap: StatsSnapshot, messages: list[tuple[int, bytes, bytes]]
         assert np.allclose(got[clear, COLUMN["quantile"]], (np.searchsorted(ordered, e[clear]) / len(e)), rtol=1e-6)
 
 
-def write_config(path: Path, bootstrap: str, topic: str, redis_url: str, prefix: str, app_id: str) -> Path:
+def write_config(path: Path, bootstrap: str, topic: str, redis_url: str, prefix: str, app_id: str,
+                 **stats: Any) -> Path:
     path.write_text(yaml.safe_dump({"run_dir": str(path.parent / "run"),
                                     "kafka": {"bootstrap_servers": bootstrap, "topic": topic},
                                     "redis": {"url": redis_url, "key_prefix": prefix},
-                                    "popularity": PRIORS, "stats": {**STATS, "app_id": app_id}}))
+                                    "popularity": PRIORS, "stats": {**STATS, "app_id": app_id, **stats}}))
     return path
 
 
@@ -278,6 +279,44 @@ def test_sigkilled_worker_restores_its_tables_from_the_changelog_and_redis_is_re
         if proc is not None:
             stop(proc)
         server.stop()
+
+
+def committed(bootstrap: str, group: str, topic: str) -> dict[str, int]:
+    """The group's committed offsets per partition (a client outside the group asks)."""
+    client = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        tps = client.committed([TopicPartition(topic, p) for p in range(PARTITIONS)], timeout=10)
+        return {str(tp.partition): tp.offset for tp in tps}
+    finally:
+        client.close()
+
+
+def test_a_stopped_worker_writes_a_last_snapshot_of_everything_it_counted(
+        kafka_bootstrap: str, redis_url: str, unique_name: str, tmp_path: Path) -> None:
+    """Timer ticks an hour apart, so the only snapshot is the one a graceful stop writes: it
+    holds every event counted. (Before, a stop before the first tick left Redis without one:
+    the demo's 30 s ended before the worker's first tick on a loaded machine.)"""
+    topic, prefix, log = unique_name, f"{unique_name}:", tmp_path / "w.log"
+    create_topics(kafka_bootstrap, [topic], PARTITIONS)
+    messages = simulated(exposures=2000, seed=11)
+    produce(kafka_bootstrap, topic, messages)
+    client, keys = redis.Redis.from_url(redis_url), StatsKeys(prefix)
+    proc = start_worker(write_config(tmp_path / "c.yaml", kafka_bootstrap, topic, redis_url, prefix, unique_name,
+                                     snapshot_every_s=3600.0), log)
+    try:
+        deadline = time.monotonic() + 180
+        while committed(kafka_bootstrap, unique_name, topic) != ends(messages):  # every message counted
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        assert read_snapshot(client, keys) is None, "a timer tick wrote a snapshot: this test proves nothing"
+    finally:
+        stop(proc)
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    snap = read_snapshot(client, keys)
+    assert snap is not None, log.read_text()[-3000:]
+    assert {p: int(o) for p, o in snap.info["positions"].items()} == ends(messages)  # type: ignore[union-attr]
+    assert_matches(snap, messages)
 
 
 def test_the_demo_runs_the_stats_worker_and_reports_what_went_to_redis(tmp_path: Path) -> None:
